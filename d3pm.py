@@ -1,0 +1,142 @@
+"""
+Absorbing ("masking") D3PM (Austin et al. 2021) with T discrete steps.
+
+Forward process. Token ids 0..V-1, mask id m = V, K = V + 1 classes.
+    beta_t = 1 / (T - t + 1),  alpha_bar_t = prod_{s<=t} (1 - beta_s) = 1 - t/T,  alpha_bar_T = 0
+    q(x_t | x_0): each token independently stays x_0 w.p. alpha_bar_t, else becomes m.
+
+Reverse model. The DiT predicts p(x_0 | x_t) (mask logit forced to -inf). The posterior of one
+step for a masked x_{t+1} puts mass w_t on x_0 and 1 - w_t on m, with
+    w_t = (alpha_bar_t - alpha_bar_{t+1}) / (1 - alpha_bar_{t+1})        (= 1/(t+1) here),
+and the model's posterior puts w_t * p(x_0 = k | x_{t+1}) on each k and 1 - w_t on m. Hence
+    KL(q(x_t | x_{t+1}, x_0) || p(x_t | x_{t+1})) = w_t * (-log p(x_0 | x_{t+1}))  if x_{t+1} = m
+                                                   = 0                              otherwise,
+a weighted cross-entropy: no (B, L, K) posterior tensor is ever built.
+
+Objective (nanoDD): t ~ U{0..T-1} per sequence, the network sees (x_{t+1}, t+1); per token
+    loss = kl + lambda_ce * ce   (t >= 1),     loss = ce   (t = 0, the reconstruction term),
+with ce = -log p(x_0 | x_{t+1}) at every position. The T-step bound in nats per token is
+    L_T = sum_{t=1}^{T-1} E[kl_t] + E[ce_0] = (T-1) E_{t~U{1..T-1}}[kl_t] + E[ce_0].
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import DiT
+
+
+class D3PMAbsorbing(nn.Module):
+    def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, T, lambda_ce):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.mask_id = vocab_size
+        self.T = T
+        self.lambda_ce = lambda_ce
+        self.net = DiT(vocab_size + 1, n_embed, n_heads, n_blocks, n_cond, dropout)
+        t = torch.arange(T + 1, dtype=torch.float64)
+        betas = torch.where(t == 0, torch.zeros_like(t), 1.0 / (T - t + 1))
+        self.register_buffer("betas", betas.float())
+        self.register_buffer("alpha_bars", torch.cumprod(1 - betas, dim=0).float())
+
+    # ---- forward process -------------------------------------------------------------------
+    def q_sample(self, x0, t, generator=None):
+        """Draw x_t ~ q(x_t | x_0): mask each token independently w.p. 1 - alpha_bar_t. t: (B,) long."""
+        keep = self.alpha_bars[t].to(torch.float32)[:, None]
+        u = torch.rand(x0.shape, device=x0.device, generator=generator)
+        return torch.where(u < keep, x0, torch.full_like(x0, self.mask_id))
+
+    def unmask_prob(self, t):
+        """P(a masked x_t becomes unmasked in x_{t-1}) = (alpha_bar_{t-1} - alpha_bar_t) / (1 - alpha_bar_t)."""
+        ab = self.alpha_bars.double()
+        return (ab[t - 1] - ab[t]) / (1 - ab[t])
+
+    # ---- objective -------------------------------------------------------------------------
+    def logits(self, x, t):
+        """Network logits for p(x_0 | x_t) with time t (float step index), mask logit set to -inf."""
+        logits = self.net(x, t.float())
+        logits[..., self.mask_id] = float("-inf")
+        return logits
+
+    def loss_terms(self, logits, x0, x_noisy, t):
+        """Per-token (kl, ce), each (B, L), for the KL term of index t (B,) given x_noisy = x_{t+1}.
+
+        kl = w_t * ce on masked positions (0 elsewhere and for t = 0); ce at every position.
+        """
+        ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L), float32
+        ab = self.alpha_bars
+        w = (ab[t] - ab[t + 1]) / (1 - ab[t + 1])
+        w = torch.where(t >= 1, w, torch.zeros_like(w))
+        kl = w[:, None] * ce * (x_noisy == self.mask_id)
+        return kl, ce
+
+    def forward(self, x0, t=None):
+        """x0: (B, L) clean ids. t: (B,) long in {0..T-1}, drawn uniformly if None.
+
+        Returns (logits, loss, metrics) with metrics kl, ce, l_T (nats/token), bpt (bits/token),
+        all 0-dim tensors (no host sync here).
+        """
+        B = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.T, (B,), device=x0.device)
+        x_noisy = self.q_sample(x0, t + 1)
+        logits = self.logits(x_noisy, t + 1)
+        kl, ce = self.loss_terms(logits, x0, x_noisy, t)
+
+        is_kl = (t >= 1)[:, None]  # (B, 1)
+        loss = torch.where(is_kl, kl + self.lambda_ce * ce, ce).mean()
+
+        n_kl, n_ce = is_kl.sum(), (~is_kl).sum()
+        L = x0.shape[1]
+        kl_mean = (kl * is_kl).sum() / (n_kl * L).clamp(min=1)
+        ce0_mean = (ce * ~is_kl).sum() / (n_ce * L).clamp(min=1)
+        l_T = torch.where(n_ce > 0, kl_mean * (self.T - 1) + ce0_mean, kl_mean * self.T)
+        metrics = dict(kl=kl_mean.detach(), ce=ce.mean().detach(), l_T=l_T.detach(),
+                       bpt=l_T.detach() / math.log(2))
+        return logits, loss, metrics
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+MODEL_CLASSES = {"D3PMAbsorbing": D3PMAbsorbing}
+EMA_PREFIX = "ema_model."
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load a checkpoint in the nanoDD layout, or raise ValueError / FileNotFoundError saying why."""
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, not a torch file...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_cls", "model_args"} <= set(ckpt):
+        raise ValueError(f"{path} is not a nanoDD checkpoint (needs keys model, model_cls, model_args)")
+    if ckpt["model_cls"] not in MODEL_CLASSES:
+        raise ValueError(f"{path}: unknown model class {ckpt['model_cls']!r} "
+                         f"(known: {', '.join(MODEL_CLASSES)})")
+    return ckpt
+
+
+def load_checkpoint(path, ema=True, map_location="cpu"):
+    """Build the model stored in a nanoDD checkpoint, with its EMA weights (default) or raw weights.
+
+    Returns the model in eval mode on map_location; the raw dict is on model.checkpoint_meta
+    (without weights) for callers that want model_args / training_args / iter_num.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    model = MODEL_CLASSES[ckpt["model_cls"]](**ckpt["model_args"])
+    state = ckpt["model"]
+    if ema:
+        if "ema" not in ckpt:
+            raise ValueError(f"{path} has no EMA weights; use the raw weights (--no-ema)")
+        state = {k[len(EMA_PREFIX):]: v for k, v in ckpt["ema"].items() if k.startswith(EMA_PREFIX)}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match {ckpt['model_cls']}"
+                         f"({ckpt['model_args']}): {str(e).splitlines()[0]}") from None
+    model.checkpoint_meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer")}
+    return model.to(map_location).eval()

@@ -1,0 +1,142 @@
+"""
+The Diffusion Transformer (DiT) that predicts clean tokens from a partly masked sequence.
+
+    x_t (B, L) token ids, t (B,) float time
+    h    = vocab_embed[x_t]                                  (B, L, n)
+    cond = SiLU(MLP(sinusoid(t)))                            (B, c)
+    for each block:
+        shift, scale, gate (x2) = adaLN_modulation(cond)     (zero-initialised)
+        h = h + gate_msa * Attn(modulate(LN(h), shift_msa, scale_msa))   (non-causal, rotary q/k)
+        h = h + gate_mlp * MLP(modulate(LN(h), shift_mlp, scale_mlp))
+    logits = modulate(LN(h), shift, scale) @ vocab_embed.T   (B, L, K), tied weights
+
+Module and parameter names give exactly the state-dict keys of the published nanoDD
+checkpoints (see ../shared/reference/nanodd-compat.md, sections 2-3).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with (B, n) shift/scale broadcast over the sequence."""
+    return x * (1 + scale) + shift
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a learned weight only (no bias), always computed in float32."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(x.float(), (self.dim,))
+        return x * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> [cos(t f_j), sin(t f_j)]_{j<128}, f_j = 10000^(-j/128) -> Linear -> SiLU -> Linear -> SiLU."""
+
+    def __init__(self, n_cond, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, n_cond), nn.SiLU(), nn.Linear(n_cond, n_cond))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * freqs[None, :]
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return F.silu(self.mlp(features))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over the head dim d: x*cos + rotate_half(x)*sin."""
+
+    def __init__(self, head_dim, base=10000):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)  # persistent: it is in the checkpoints
+
+    def forward(self, seq_len, device):
+        """cos, sin of pos * inv_freq, duplicated over the two halves: each (1, L, 1, d)."""
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq.float())
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, L, H, d). rotate_half([x1, x2]) = [-x2, x1] over the halves of d."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, n_embed, n_heads, n_cond, dropout):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = LayerNorm(n_embed)
+        self.attn_qkv = nn.Linear(n_embed, 3 * n_embed, bias=False)
+        self.attn_out = nn.Linear(n_embed, n_embed, bias=False)
+        self.norm2 = LayerNorm(n_embed)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embed, 4 * n_embed), nn.GELU(approximate="tanh"), nn.Linear(4 * n_embed, n_embed)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.adaLN_modulation = nn.Linear(n_cond, 6 * n_embed)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, cond, cos, sin):
+        B, L, n = x.shape
+        mod = self.adaLN_modulation(cond)[:, None, :]  # (B, 1, 6n)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, n // self.n_heads).unbind(dim=2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = h.transpose(1, 2).reshape(B, L, n)
+        x = x + gate_msa * self.dropout(self.attn_out(h))
+
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        x = x + gate_mlp * self.dropout(self.mlp(h))
+        return x
+
+
+class DiT(nn.Module):
+    """Maps (x_t, t) to K = vocab_size + 1 logits per position (the last id is the mask)."""
+
+    def __init__(self, n_classes, n_embed, n_heads, n_blocks, n_cond, dropout):
+        super().__init__()
+        assert n_embed % n_heads == 0, "n_embed must be divisible by n_heads"
+        self.vocab_embed = nn.Embedding(n_classes, n_embed)
+        nn.init.trunc_normal_(self.vocab_embed.weight, std=n_embed ** -0.5,
+                              a=-3 * n_embed ** -0.5, b=3 * n_embed ** -0.5)
+        self.c_embed = TimestepEmbedder(n_cond)
+        self.rotary_emb = Rotary(n_embed // n_heads)
+        self.blocks = nn.ModuleList(DiTBlock(n_embed, n_heads, n_cond, dropout) for _ in range(n_blocks))
+        self.norm_final = LayerNorm(n_embed)
+        self.adaLN_modulation = nn.Linear(n_cond, 2 * n_embed)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, t):
+        """x: (B, L) long, t: (B,) time (float step index). Returns float32 logits (B, L, K)."""
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            h = self.vocab_embed(x)
+            cond = self.c_embed(t)
+            cos, sin = self.rotary_emb(x.shape[1], x.device)
+            for block in self.blocks:
+                h = block(h, cond, cos, sin)
+            shift, scale = self.adaLN_modulation(cond)[:, None, :].chunk(2, dim=-1)
+            h = modulate(self.norm_final(h), shift, scale)
+            logits = h @ self.vocab_embed.weight.t()
+        return logits.float()
