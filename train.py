@@ -1,0 +1,492 @@
+"""
+Train an absorbing D3PM. One process (CPU or one GPU):
+
+    python train.py d3pm_text8_cpu
+    python train.py d3pm_text8 --batch_size=64 --gradient_accumulation_steps=16
+
+Many GPUs, one node or several, with DistributedDataParallel (gloo on CPU, NCCL on CUDA):
+
+    torchrun --standalone --nproc_per_node=4 train.py d3pm_text8_4gpu
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=IP --master_port=29500 \
+        train.py d3pm_openwebtext_8gpu --out_dir=/shared/runs/owt
+
+The globals below are the defaults; the config function named first overrides them, then any
+--key=value on the command line (type-checked against the default). --resume=DIR continues a run.
+"""
+import contextlib
+import json
+import math
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+import torch
+
+import configs
+
+# ---- defaults: every one can be set by a config function or by --key=value -------------------
+# I/O
+out_dir = ""  # default: out/<config name> (or the --resume directory)
+log_interval = 10  # iterations between train log lines
+eval_interval = 1000  # iterations between val evaluations (and best-checkpoint saves)
+eval_iters = 100  # val batches per evaluation, shared across ranks
+eval_key = "l_T"  # val metric that picks the best checkpoint: l_T or loss
+always_save_checkpoint = False  # write ckpt.pt after every evaluation, not only on improvement
+ckpt_interval = 1000  # iterations between last.pt writes (the resume point after a crash)
+resume = ""  # a run directory to continue (its newest checkpoint)
+# data
+dataset = "text8"
+data_root_dir = "data"  # datasets live in data_root_dir/dataset
+gradient_accumulation_steps = 1  # micro-steps per optimizer step (per rank)
+batch_size = 256  # sequences per micro-step per rank
+seq_len = 256
+# AdamW and the learning-rate schedule (linear warmup, cosine decay to min_lr)
+learning_rate = 1e-3
+max_iters = 500_000
+weight_decay = 0.1  # applied to >= 2-D parameters only
+beta1 = 0.9
+beta2 = 0.98
+grad_clip = 0.1  # 0 disables
+decay_lr = True
+warmup_iters = 2500
+lr_decay_iters = 0  # 0: decay over max_iters
+min_lr = 1e-5
+# EMA of the weights (used by sampling and evaluation)
+ema_beta = 0.9999
+ema_update_after_step = 100
+# system
+backend = ""  # DDP backend; "" picks nccl on CUDA, gloo on CPU
+device = "auto"  # auto, cpu, cuda, cuda:N
+compile = True  # torch.compile (CUDA only)
+training_seed = 1
+# ------------------------------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in list(globals().items())
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+CONFIG_NAMES = [name for name in dir(configs) if name.startswith("d3pm_") and callable(getattr(configs, name))]
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+# ---- command line -------------------------------------------------------------------------------
+def parse_value(key, text):
+    """Convert text to the type of the default of `key`, or raise UserError."""
+    default = globals()[key]
+    kind = type(default)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    elif kind is str:
+        return text
+    else:
+        try:
+            value = float(text.replace("_", "")) if kind is float else int(text.replace("_", ""))
+            return value
+        except ValueError:
+            pass
+    raise UserError(f"--{key}={text}: expected {kind.__name__} (default is {default!r})")
+
+
+def parse_args(argv):
+    """[CONFIG] [--key=value ...] [--no-compile] [--debug] -> (config name or None, overrides dict)."""
+    config_name, overrides = None, {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            print("configs: " + ", ".join(CONFIG_NAMES))
+            print("options (--key=value, default in brackets):")
+            for k in CONFIG_KEYS:
+                print(f"  --{k}={globals()[k]!r}")
+            print("  --no-compile   same as --compile=False\n  --debug        show tracebacks")
+            sys.exit(0)
+        if arg == "--no-compile":
+            overrides["compile"] = False
+        elif arg == "--debug":
+            pass
+        elif arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if key not in CONFIG_KEYS:
+                raise UserError(f"unknown option --{key}; valid: " + ", ".join(CONFIG_KEYS))
+            if not eq:
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            overrides[key] = parse_value(key, text)
+        elif config_name is None:
+            if arg not in CONFIG_NAMES:
+                raise UserError(f"unknown config {arg!r}; valid: " + ", ".join(CONFIG_NAMES))
+            config_name = arg
+        else:
+            raise UserError(f"unexpected argument {arg!r} (one config name, then --key=value options)")
+    return config_name, overrides
+
+
+def load_config(config_name, overrides):
+    """Apply the config function, then the overrides, to the globals. Returns (model_cls, model_args, changed)."""
+    model_cls, model_args, training_args = getattr(configs, config_name or "d3pm_text8")()
+    for key, value in training_args.items():
+        if key not in CONFIG_KEYS:
+            raise UserError(f"config {config_name} sets unknown key {key!r}")
+    changed = {**training_args, **overrides}
+    globals().update(changed)
+    return model_cls, model_args, changed
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def open_split(data_dir, split):
+    """Memory-map a split: data_dir/split.npy (text8) or data_dir/split.bin (flat uint16, nanoGPT style)."""
+    npy, bin_ = os.path.join(data_dir, f"{split}.npy"), os.path.join(data_dir, f"{split}.bin")
+    try:
+        if os.path.exists(npy):
+            return np.load(npy, mmap_mode="r")
+        if os.path.exists(bin_):
+            return np.memmap(bin_, dtype=np.uint16, mode="r")
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read the {split} split in {data_dir} (truncated? prepare it again): {e}")
+    raise UserError(f"no {split} split in {data_dir} ({split}.npy or {split}.bin)")
+
+
+def dataset_vocab_size(data_dir):
+    """vocab_size from meta.pkl (text8-style datasets), else GPT-2's 50257 for .bin datasets."""
+    meta_path = os.path.join(data_dir, "meta.pkl")
+    if os.path.exists(meta_path):
+        with open(meta_path, "rb") as f:
+            return pickle.load(f)["vocab_size"]
+    return 50257
+
+
+def ensure_dataset(data_dir, is_master, ddp):
+    """Prepare text8 automatically if it is missing; for other datasets say how to prepare them."""
+    ready = os.path.exists(os.path.join(data_dir, "meta.pkl")) or os.path.exists(os.path.join(data_dir, "train.bin"))
+    if not ready and dataset == "text8":
+        if is_master:
+            print(f"text8 not found in {data_dir}: preparing it (download, split, encode)...")
+            from data.prepare_text8 import prepare
+            prepare(None, data_dir)
+        if ddp:
+            torch.distributed.barrier()
+    elif not ready:
+        raise UserError(f"dataset {dataset!r} not found in {data_dir}; prepare it first: "
+                        f"python data/prepare_{dataset}.py")
+
+
+def get_batch(data, generator, vocab_size, dev):
+    """batch_size random windows of seq_len tokens, as a (B, L) long tensor on dev."""
+    ix = torch.randint(len(data) - seq_len + 1, (batch_size,), generator=generator).numpy()
+    x = np.stack([data[i:i + seq_len] for i in ix]).astype(np.int64)
+    if x.max() >= vocab_size:
+        raise UserError(f"token id {x.max()} in dataset {dataset} is outside the model's vocabulary "
+                        f"(vocab_size={vocab_size}); the data and the model do not match")
+    x = torch.from_numpy(x)
+    if dev.type == "cuda":
+        return x.pin_memory().to(dev, non_blocking=True)
+    return x
+
+
+# ---- optimisation -------------------------------------------------------------------------------
+def get_lr(it):
+    """Linear warmup to learning_rate over warmup_iters, then cosine decay to min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    decay_iters = lr_decay_iters or max_iters
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def make_optimizer(model, dev):
+    """AdamW with weight decay on >= 2-D parameters (matrices, embeddings) only; fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
+
+
+class EMA:
+    """Exponential moving average of a model's weights, in the nanoDD checkpoint layout
+    (`initted`, `step`, `ema_model.<key>`). Decay warms up as 1 - 1/(1 + n) up to beta, n counting
+    updates after `update_after_step`; before that the average is a copy of the model."""
+
+    def __init__(self, model, beta, update_after_step):
+        self.beta, self.update_after_step = beta, update_after_step
+        self.model = model
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.initted = torch.tensor(False)
+        self.step = torch.tensor(0)
+
+    @torch.no_grad()
+    def update(self):
+        step = int(self.step)
+        self.step += 1
+        current = self.model.state_dict()
+        if step <= self.update_after_step or not bool(self.initted):
+            for k, v in current.items():
+                self.shadow[k].copy_(v)
+            self.initted = torch.tensor(step > self.update_after_step)
+            return
+        n = step - self.update_after_step - 1
+        decay = min(self.beta, 1 - 1 / (1 + n)) if n > 0 else 0.0
+        floats = [k for k, v in current.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k] for k in floats], 1 - decay)
+        for k, v in current.items():
+            if k not in floats:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self):
+        state = {"initted": self.initted.clone(), "step": self.step.clone()}
+        state.update({"ema_model." + k: v.clone() for k, v in self.shadow.items()})
+        return state
+
+    def load_state_dict(self, state):
+        self.initted = state["initted"].clone().cpu()
+        self.step = state["step"].clone().cpu()
+        for k in self.shadow:
+            self.shadow[k].copy_(state["ema_model." + k])
+
+    def averaged_model(self, template):
+        """A copy of `template` (an un-wrapped model) holding the averaged weights."""
+        template.load_state_dict(self.shadow)
+        return template
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same directory, fsync, then rename over path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def newest_checkpoint(run_dir):
+    """The readable checkpoint (last.pt or ckpt.pt) in run_dir with the highest iter_num, or None."""
+    from d3pm import read_checkpoint
+    best = None
+    for name in ("last.pt", "ckpt.pt"):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            ckpt = read_checkpoint(path)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"skipping {path}: {e}")
+            continue
+        if best is None or ckpt["iter_num"] > best[1]["iter_num"]:
+            best = (path, ckpt)
+    return best
+
+
+def rng_state(data_gen, dev):
+    return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.tensor([], dtype=torch.uint8)}
+
+
+def set_rng_state(state, data_gen, dev):
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if dev.type == "cuda" and state["cuda"].numel():
+        torch.cuda.set_rng_state(state["cuda"], dev)
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv):
+    global out_dir
+    config_name, overrides = parse_args(argv)
+    model_cls, model_args, changed = load_config(config_name, overrides)
+    if not out_dir:
+        out_dir = resume or os.path.join("out", config_name or "d3pm_text8")
+    if eval_key not in ("l_T", "loss"):
+        raise UserError(f"--eval_key={eval_key}: expected l_T or loss")
+
+    # devices and processes
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    want = device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={device} but CUDA is not available; use --device=cpu")
+    if want == "cuda":
+        want = f"cuda:{local_rank}"
+    dev = torch.device(want)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        torch.distributed.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"))
+    is_master = rank == 0
+    say = print if is_master else (lambda *a, **k: None)
+
+    # data
+    data_dir = os.path.join(data_root_dir, dataset)
+    ensure_dataset(data_dir, is_master, ddp)
+    train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
+    for name, split in (("train", train_data), ("val", val_data)):
+        if len(split) < seq_len:
+            raise UserError(f"the {name} split of {data_dir} has {len(split)} tokens, fewer than seq_len={seq_len}")
+
+    # model, EMA, optimizer, possibly from a checkpoint
+    start = newest_checkpoint(resume) if resume else None
+    if resume and start is None:
+        raise UserError(f"--resume={resume}: no readable last.pt or ckpt.pt there")
+    if start is not None:
+        model_args = start[1]["model_args"]
+    data_vocab = dataset_vocab_size(data_dir)
+    if data_vocab != model_args["vocab_size"]:
+        raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the model has "
+                        f"{model_args['vocab_size']}: pick a config for this dataset")
+
+    torch.manual_seed(training_seed + rank)
+    data_gen = torch.Generator().manual_seed(10_000 * training_seed + rank)
+    model = model_cls(**model_args).to(dev)
+    ema = EMA(model, ema_beta, ema_update_after_step)
+    ema_model = model_cls(**model_args).to(dev).eval()
+    optimizer = make_optimizer(model, dev)
+    iter_num, best_val = 0, float("inf")
+    if start is not None:
+        path, ckpt = start
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        rngs = ckpt.get("rng", [])
+        if len(rngs) == world_size:
+            set_rng_state(rngs[rank], data_gen, dev)
+        else:
+            say("note: the checkpoint's RNG states are for another world size; using fresh seeds")
+            torch.manual_seed(training_seed + rank + 7919 * iter_num)
+            data_gen.manual_seed(10_000 * training_seed + rank + 7919 * iter_num)
+        say(f"resuming from {path} at iteration {iter_num}")
+        del ckpt, start
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * seq_len
+    say(f"{model_cls.__name__} {model_args}: {n_params / 1e6:.2f}M parameters, device {dev}, "
+        f"world size {world_size}, {tokens_per_iter:,} tokens per iteration")
+
+    train_model = model
+    if ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if compile and dev.type == "cuda":
+        say("compiling the model...")
+        train_model = torch.compile(train_model)
+
+    if is_master:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            log_file = open(os.path.join(out_dir, "log.jsonl"), "a")
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror}")
+
+    def log(record):
+        if is_master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean val loss and l_T of the EMA weights over eval_iters batches shared by all ranks.
+        Uses its own seeded RNG so that training randomness is untouched."""
+        net = ema.averaged_model(ema_model)
+        my_iters = len(range(rank, eval_iters, world_size))
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(12345 + rank)
+            gen = torch.Generator().manual_seed(54321 + rank)
+            for _ in range(my_iters):
+                _, loss, metrics = net(get_batch(val_data, gen, model_args["vocab_size"], dev))
+                sums += torch.stack([loss.double(), metrics["l_T"].double(), torch.ones((), device=dev)])
+        if ddp:
+            torch.distributed.all_reduce(sums)
+        loss, l_T = (sums[:2] / sums[2]).tolist()
+        return {"loss": loss, "l_T": l_T, "bpt": l_T / math.log(2)}
+
+    def checkpoint(name):
+        """Gather every rank's RNG state; rank 0 writes out_dir/name atomically."""
+        rngs = [rng_state(data_gen, dev)]
+        if ddp:
+            rngs = [None] * world_size
+            torch.distributed.all_gather_object(rngs, rng_state(data_gen, dev))
+        if is_master:
+            atomic_save({
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_cls": model_cls.__name__, "model_args": model_args, "training_args": changed,
+                "total_batch_size": gradient_accumulation_steps * world_size * batch_size,
+                "iter_num": iter_num, "best_val_loss": best_val, "rng": rngs,
+            }, os.path.join(out_dir, name))
+
+    # training loop: iter_num counts completed optimizer steps
+    model.train()
+    t_last, tokens_since = time.time(), 0
+    while iter_num < max_iters:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro_step in range(gradient_accumulation_steps):
+            last_micro = micro_step == gradient_accumulation_steps - 1
+            sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
+            with sync:
+                x = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
+                _, loss, metrics = train_model(x)
+                (loss / gradient_accumulation_steps).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update()
+        iter_num += 1
+        tokens_since += tokens_per_iter
+
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            dt = time.time() - t_last
+            record = {"iter": iter_num, "split": "train", "loss": loss.item(), "lr": lr,
+                      "grad_norm": grad_norm.item(), **{k: v.item() for k, v in metrics.items()},
+                      "tokens_per_s": tokens_since / dt, "ms_per_iter": 1000 * dt * tokens_per_iter / tokens_since}
+            say(f"iter {iter_num}: loss {record['loss']:.4f}, bpt {record['bpt']:.3f}, lr {lr:.2e}, "
+                f"{record['ms_per_iter']:.0f} ms/iter, {record['tokens_per_s']:,.0f} tok/s")
+            log(record)
+            t_last, tokens_since = time.time(), 0
+
+        t_pause = time.time()  # evaluation and checkpoint time does not count towards tokens/s
+        if iter_num % eval_interval == 0 or iter_num == max_iters:
+            val = evaluate()
+            improved = val[eval_key] < best_val
+            best_val = min(best_val, val[eval_key])
+            say(f"val @ {iter_num}: loss {val['loss']:.4f}, l_T {val['l_T']:.4f}, bpt {val['bpt']:.4f}"
+                + (" (best)" if improved else ""))
+            log({"iter": iter_num, "split": "val", **val})
+            if improved or always_save_checkpoint:
+                checkpoint("ckpt.pt")
+        if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+            checkpoint("last.pt")
+        t_last += time.time() - t_pause
+
+    say(f"done: {iter_num} iterations, best val {eval_key} {best_val:.4f}, checkpoints in {out_dir}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
