@@ -164,8 +164,11 @@ def ensure_dataset(data_dir, is_master, ddp):
     if not ready and dataset == "text8":
         if is_master:
             print(f"text8 not found in {data_dir}: preparing it (download, split, encode)...")
-            from data.prepare_text8 import prepare
-            prepare(None, data_dir)
+            from data.prepare_text8 import PrepareError, prepare
+            try:
+                prepare(None, data_dir)
+            except PrepareError as e:
+                raise UserError(str(e))
         if ddp:
             torch.distributed.barrier()
     elif not ready:
