@@ -97,6 +97,67 @@ class D3PMAbsorbing(nn.Module):
         return logits, loss, metrics
 
 
+    # ---- sampling ----------------------------------------------------------------------------
+    def draw(self, logits, generator=None):
+        """One sample per row of (N, K) logits, by Gumbel-max in float64 (float32 noise truncates the tail)."""
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        return (logits.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+
+    @torch.no_grad()
+    def sample_ancestral(self, x, generator=None):
+        """The reference T-step sampler. x: (B, L) ids with mask_id where tokens are to be generated.
+        For t = T..1, predict p(x_0 | x_t) and unmask each masked position w.p. unmask_prob(t) to a draw
+        from it (unmask_prob(1) = 1, so nothing is masked at the end). T network calls."""
+        x = x.clone()
+        for t in range(self.T, 0, -1):
+            unmask = (x == self.mask_id) & (torch.rand(x.shape, dtype=torch.float64, device=x.device,
+                                                       generator=generator) < self.unmask_prob(t))
+            if unmask.any():  # the network is called every step regardless, as the plain loop does
+                logits = self.logits(x, torch.full((x.shape[0],), t, device=x.device))
+                x[unmask] = self.draw(logits[unmask], generator)
+            else:
+                self.logits(x, torch.full((x.shape[0],), t, device=x.device))
+        return x
+
+    @torch.no_grad()
+    def sample(self, x, steps=None, generator=None, callback=None):
+        """Exact fast version of sample_ancestral (same output distribution), or a coarse-grid one.
+
+        Which positions unmask at which step does not depend on the network: a position masked at T
+        unmasks at step tau with P(tau = t) = alpha_bar_{t-1} - alpha_bar_t, independently. So draw
+        every tau first, then call the network only at the distinct taus of each sequence (all rows
+        of the batch advance together, each at its own time). Steps without an event change nothing.
+        With steps=N < T, each tau is moved up to the next point of an N-step grid: that is the
+        exact skip-step posterior between grid points, P(unmask from s to t) = (ab_t - ab_s)/(1 - ab_s).
+
+        x: (B, L) ids, mask_id where to generate (given tokens are never changed).
+        callback(x, t) is called after each network call. Returns (samples, number of network calls).
+        """
+        x = x.clone()
+        B, L = x.shape
+        ab = self.alpha_bars.double()
+        p_tau = ab[:-1] - ab[1:]  # P(tau = t) for t = 1..T
+        tau = torch.multinomial(p_tau, B * L, replacement=True, generator=generator).view(B, L) + 1
+        if steps is not None and steps < self.T:
+            grid = torch.linspace(0, self.T, steps + 1, dtype=torch.float64, device=x.device).round().long().unique()
+            tau = grid[torch.searchsorted(grid, tau)]  # the smallest grid point >= tau
+        pending = torch.where(x == self.mask_id, tau.to(x.device), torch.zeros_like(x))  # 0: nothing to do
+        calls = 0
+        while True:
+            t_row = pending.max(dim=1).values  # each row's next event time (the largest pending)
+            rows = (t_row > 0).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return x, calls
+            xr, pr, tr = x[rows], pending[rows], t_row[rows]
+            logits = self.logits(xr, tr)
+            now = pr == tr[:, None]
+            xr[now] = self.draw(logits[now], generator)
+            x[rows], pending[rows] = xr, torch.where(now, torch.zeros_like(pr), pr)
+            calls += 1
+            if callback is not None:
+                callback(x, tr)
+
+
 # ---- checkpoints -----------------------------------------------------------------------------
 MODEL_CLASSES = {"D3PMAbsorbing": D3PMAbsorbing}
 EMA_PREFIX = "ema_model."
