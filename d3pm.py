@@ -171,8 +171,8 @@ def read_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, not a torch file...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+        raise ValueError(f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
+                         f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_cls", "model_args"} <= set(ckpt):
         raise ValueError(f"{path} is not a nanoDD checkpoint (needs keys model, model_cls, model_args)")
     if ckpt["model_cls"] not in MODEL_CLASSES:

@@ -1,0 +1,153 @@
+"""
+Estimate the T-step negative-ELBO bound of an absorbing D3PM on a data split, in bits per token:
+
+    L_T(x_0) = sum_{t=1}^{T-1} E[kl_t] + E[ce_0]                      (see d3pm.py)
+
+    python evaluate.py out/d3pm_text8_cpu/ckpt.pt --split test
+    torchrun --standalone --nproc_per_node=8 evaluate.py CKPT --data_dir data/openwebtext --seq_len 1024
+
+Estimator (unbiased, stratified). Each batch holds B random windows of the split. Window 0 is the
+reconstruction stratum: it is scored at t = 0 with weight 1. Windows 1..B-1 cover t in {1..T-1} by
+stratified sampling: with one uniform offset U per batch, window i gets the time
+t_i = 1 + floor((i - 1 + U) / (B - 1) * (T - 1)), so every t-stratum of width (T-1)/(B-1) is hit
+exactly once. Each t_i is uniform within its stratum and the strata tile {1..T-1}, and the windows
+are i.i.d., so  (T-1) * mean_i kl_{t_i} + ce_0  has expectation exactly L_T. Batches are i.i.d.
+replicates, so the standard error is the spread of the per-batch estimates / sqrt(batches).
+One network call per batch. Sampling stops when the standard error drops below --target_se.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from sample import default_dataset, open_model, pick_device
+from train import UserError, open_split
+
+
+def batch_estimate(model, x0, offset, generator=None):
+    """One unbiased estimate of L_T (nats/token) from a (B, L) batch, B >= 2; offset U in [0, 1)."""
+    B, T = x0.shape[0], model.T
+    i = torch.arange(B - 1, device=x0.device, dtype=torch.float64)
+    t_kl = 1 + torch.floor((i + offset) / (B - 1) * (T - 1)).long().clamp(max=T - 2)
+    t = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), t_kl])
+    x_noisy = model.q_sample(x0, t + 1, generator)
+    kl, ce = model.loss_terms(model.logits(x_noisy, t + 1), x0, x_noisy, t)
+    return (T - 1) * kl[1:].double().mean() + ce[0].double().mean()
+
+
+def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
+    ix = rng.integers(0, len(data) - seq_len + 1, size=batch_size)
+    x = np.stack([data[i:i + seq_len] for i in ix]).astype(np.int64)
+    if x.max() >= vocab_size:
+        raise UserError(f"token id {x.max()} in the data is outside the model's vocabulary (vocab_size="
+                        f"{vocab_size}): this checkpoint was not trained on this dataset")
+    return torch.from_numpy(x).to(dev)
+
+
+@torch.no_grad()
+def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batches=10, seed=0,
+             rank=0, world_size=1, progress=None):
+    """Draw batch estimates (bits/token) until the standard error < target_se or max_batches.
+    Under torch.distributed each rank draws its own batches; all ranks see the combined list."""
+    dev = next(model.parameters()).device
+    rng = np.random.default_rng([seed, rank])
+    gen = torch.Generator(device=dev).manual_seed(seed * 1000 + rank)
+    estimates, total, total_sq = [], 0.0, 0.0
+    while not max_batches or len(estimates) < max_batches:
+        x0 = random_windows(data, batch_size, seq_len, model.vocab_size, rng, dev)
+        offset = float(torch.rand((), generator=gen, device=dev))
+        mine = batch_estimate(model, x0, offset, gen).reshape(1) / math.log(2)
+        if world_size > 1:
+            everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+            torch.distributed.all_gather(everyone, mine)
+            mine = torch.cat(everyone)
+        estimates += mine.tolist()
+        total, total_sq = total + float(mine.sum()), total_sq + float((mine.double() ** 2).sum())
+        n = len(estimates)
+        mean = total / n
+        se = math.sqrt(max(total_sq / n - mean ** 2, 0.0) * n / (n - 1) / n) if n > 1 else float("inf")
+        if progress is not None:
+            progress.update(len(mine))
+            progress.set_postfix_str(f"bpt {mean:.4f} \u00b1 {se:.4f}")
+        if len(estimates) >= min_batches and se < target_se:
+            break
+    return estimates
+
+
+def summarize(estimates):
+    """Mean and its standard error (inf with fewer than two estimates)."""
+    n = len(estimates)
+    mean = sum(estimates) / n
+    if n < 2:
+        return mean, float("inf")
+    var = sum((e - mean) ** 2 for e in estimates) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint file, run directory, or Hugging Face repo id")
+    p.add_argument("--split", default="test", help="val or test (any SPLIT.npy / SPLIT.bin in --data_dir)")
+    p.add_argument("--data_dir", default="", help="dataset directory (default data/text8 or data/openwebtext)")
+    p.add_argument("--batch_size", type=int, default=64, help="windows per batch (one network call)")
+    p.add_argument("--seq_len", type=int, default=0, help="tokens per window (default 256 text8, 1024 BPE)")
+    p.add_argument("--target_se", type=float, default=0.002, help="stop when the standard error (bits) is below")
+    p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0: no limit)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    args = p.parse_args(argv)
+    if args.batch_size < 2:
+        raise UserError("--batch_size must be at least 2 (one reconstruction window plus KL windows)")
+
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = pick_device(args.device)
+    if ddp and dev.type == "cuda":
+        dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        torch.cuda.set_device(dev)
+    if ddp:
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    model = open_model(args.ckpt, args.ema, dev)
+    dataset = default_dataset(model.vocab_size)
+    data_dir = args.data_dir or os.path.join("data", dataset or "text8")
+    data = open_split(data_dir, args.split)
+    seq_len = args.seq_len or (256 if dataset == "text8" else 1024)
+    if len(data) < seq_len:
+        raise UserError(f"the {args.split} split in {data_dir} has {len(data)} tokens, fewer than seq_len={seq_len}")
+
+    progress = None
+    if rank == 0 and not args.json:
+        from tqdm import tqdm
+        progress = tqdm(desc=f"{args.split} bound", unit="batch", total=args.max_batches or None,
+                        dynamic_ncols=True, mininterval=0.5, disable=None)  # disable=None: off when not a TTY
+    estimates = estimate(model, data, args.batch_size, seq_len, args.target_se, args.max_batches,
+                         seed=args.seed, rank=rank, world_size=world_size, progress=progress)
+    if progress is not None:
+        progress.close()
+    bpt, se = summarize(estimates)
+    result = {"bpt": bpt, "se": se, "ci95": [bpt - 1.96 * se, bpt + 1.96 * se], "network_calls": len(estimates),
+              "tokens": len(estimates) * args.batch_size * seq_len, "batches": len(estimates),
+              "split": args.split, "T": model.T}
+    if rank == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{args.split}: {bpt:.4f} \u00b1 {se:.4f} bits/token (95% interval {result['ci95'][0]:.4f}.."
+                  f"{result['ci95'][1]:.4f}), {len(estimates)} batches of {args.batch_size} x {seq_len} tokens")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

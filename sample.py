@@ -1,0 +1,257 @@
+"""
+Sample from a trained absorbing D3PM: start from all-mask sequences and unmask them.
+
+    python sample.py out/d3pm_text8_cpu/ckpt.pt
+    python sample.py rupspace/nanoDD-D3PM-text8 --batch_size 4 --seed 1
+    python sample.py CKPT --prompt "the meaning of life is"
+    python sample.py CKPT --infill "the ??????? of life is ????? and"
+
+By default the exact sampler runs: the same output distribution as the T-step ancestral sampler,
+but the network is called only at the steps where some position unmasks (about 226 of 1000 for
+256 tokens). --steps N trades quality for speed on a coarser grid.
+
+Infilling: in the template each placeholder stands for one generated token and every other
+character/token is kept as given. The placeholder is the mask glyph \u2588; for text8, `?` works too.
+On a terminal the sequences unmask live (space shown as _, mask as \u2588); otherwise only the final
+text is printed. --json prints one JSON object instead.
+"""
+import argparse
+import json
+import os
+import pickle
+import shutil
+import socket
+import sys
+import time
+
+import torch
+
+from d3pm import load_checkpoint
+from train import UserError
+
+MASK_GLYPH = "\u2588"
+
+
+# ---- shared with evaluate.py ----------------------------------------------------------------------
+def pick_device(name):
+    """'auto' -> cuda if available else cpu; a clear error when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_checkpoint(spec):
+    """A local file, a run directory (its ckpt.pt), or a Hugging Face model repo id (downloads ckpt.pt)."""
+    if os.path.isdir(spec):
+        spec = os.path.join(spec, "ckpt.pt")
+    if os.path.exists(spec) or spec.count("/") != 1 or spec.endswith(".pt"):
+        return spec
+    from huggingface_hub import hf_hub_download
+    online = not os.environ.get("HF_HUB_OFFLINE")
+    if online:
+        try:  # fail fast offline instead of retrying for half a minute; a cached copy still works
+            socket.create_connection(("huggingface.co", 443), timeout=5).close()
+        except OSError:
+            online = False
+    try:
+        return hf_hub_download(repo_id=spec, filename="ckpt.pt", local_files_only=not online)
+    except Exception as e:
+        raise UserError(f"{spec} is not a local file and could not be downloaded from the Hugging Face hub "
+                        f"({type(e).__name__}); download ckpt.pt yourself and pass its path")
+
+
+def open_model(spec, ema, dev):
+    try:
+        return load_checkpoint(resolve_checkpoint(spec), ema=ema, map_location=dev)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e))
+
+
+def default_dataset(vocab_size):
+    return {27: "text8", 50257: "openwebtext"}.get(vocab_size, "")
+
+
+# ---- text <-> ids -----------------------------------------------------------------------------------
+class Codec:
+    """Token ids <-> text for a dataset: characters from meta.pkl's itos, or a tiktoken BPE."""
+
+    def __init__(self, vocab_size, itos=None, bpe=None):
+        self.vocab_size, self.mask_id, self.itos, self.bpe = vocab_size, vocab_size, itos, bpe
+        self.stoi = {c: i for i, c in itos.items()} if itos else None
+        self.placeholders = {MASK_GLYPH, "?"} if itos and "?" not in self.stoi else {MASK_GLYPH}
+
+    def encode(self, text, template=False):
+        """Text -> ids; with template=True each placeholder becomes the mask id."""
+        if self.itos:
+            if not template:
+                text = text.lower()
+            bad = [c for c in text if c not in self.stoi and not (template and c in self.placeholders)]
+            if bad:
+                raise UserError(f"character {bad[0]!r} is not in this model's alphabet "
+                                f"({''.join(sorted(self.stoi))!r})")
+            return [self.mask_id if c in self.placeholders else self.stoi[c] for c in text]
+        ids, piece = [], ""
+        for c in text + "\0":
+            if (template and c in self.placeholders) or c == "\0":
+                ids += self.bpe.encode_ordinary(piece) if piece else []
+                piece = ""
+                if c != "\0":
+                    ids.append(self.mask_id)
+            else:
+                piece += c
+        return ids
+
+    def decode(self, ids, view=False):
+        """ids -> text; the mask shows as the glyph; view=True also shows space as _ (text8)."""
+        if self.itos:
+            out = "".join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
+            return out.replace(" ", "_") if view else out
+        out, run = [], []
+        for i in list(ids) + [None]:
+            if i is None or i == self.mask_id:
+                if run:
+                    out.append(self.bpe.decode(run))
+                    run = []
+                if i is not None:
+                    out.append(MASK_GLYPH)
+            else:
+                run.append(i)
+        text = "".join(out)
+        return text.replace("\n", "\u21b5") if view else text
+
+
+def load_codec(vocab_size, dataset, data_dir=None):
+    """The codec for a model: data_dir/meta.pkl if given and present, else the dataset's default."""
+    meta_path = os.path.join(data_dir or os.path.join("data", dataset or "text8"), "meta.pkl")
+    meta = None
+    if os.path.exists(meta_path):
+        with open(meta_path, "rb") as f:
+            meta = pickle.load(f)
+    if meta and meta.get("itos"):
+        return Codec(vocab_size, itos=meta["itos"])
+    if meta and meta.get("tiktoken"):
+        import tiktoken
+        return Codec(vocab_size, bpe=tiktoken.Encoding(**meta["tiktoken"]))
+    if vocab_size == 27:
+        return Codec(vocab_size, itos={i: c for i, c in enumerate(" abcdefghijklmnopqrstuvwxyz")})
+    if vocab_size == 50257:
+        import tiktoken
+        try:
+            gpt2 = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"cannot load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded once "
+                            f"and cached: run once with network access, or set TIKTOKEN_CACHE_DIR")
+        return Codec(vocab_size, bpe=gpt2)
+    raise UserError(f"no tokenizer for vocab_size {vocab_size}: pass --data_dir with its meta.pkl")
+
+
+# ---- the live view ----------------------------------------------------------------------------------
+class LiveView:
+    """Redraws the batch in place with ANSI cursor moves, at most every `interval` seconds."""
+
+    def __init__(self, codec, interval=0.05):
+        self.codec, self.interval, self.last, self.lines = codec, interval, 0.0, 0
+        size = shutil.get_terminal_size((100, 40))
+        self.width, self.height = max(20, size.columns), max(5, size.lines - 2)
+
+    def __call__(self, x, t=None, force=False):
+        now = time.time()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        lines = []
+        for row in x.tolist():
+            text = self.codec.decode(row, view=True)
+            lines += [text[i:i + self.width] for i in range(0, len(text), self.width)] + [""]
+        lines = lines[-self.height:]
+        out = (f"\x1b[{self.lines}F" if self.lines else "") + "\x1b[J" + "\n".join(lines) + "\n"
+        sys.stdout.write(out)
+        sys.stdout.flush()
+        self.lines = len(lines)
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def initial_ids(codec, batch_size, seq_len, prompt, infill):
+    """The starting (B, L) ids: all mask, or the prompt followed by masks, or the infill template."""
+    if prompt is not None and infill is not None:
+        raise UserError("give either --prompt or --infill, not both")
+    if infill is not None:
+        ids = codec.encode(infill, template=True)
+        if codec.mask_id not in ids:
+            raise UserError(f"--infill has no placeholder ({' or '.join(sorted(codec.placeholders))}) to fill")
+        seq_len = len(ids)
+    elif prompt is not None:
+        ids = codec.encode(prompt)
+        if len(ids) >= seq_len:
+            raise UserError(f"--prompt is {len(ids)} tokens, it must be shorter than seq_len={seq_len}")
+        ids = ids + [codec.mask_id] * (seq_len - len(ids))
+    else:
+        ids = [codec.mask_id] * seq_len
+    return torch.tensor([ids] * batch_size)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint file, run directory, or Hugging Face repo id")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences to sample")
+    p.add_argument("--dataset", default="", help="text8 or openwebtext (default: from the vocabulary)")
+    p.add_argument("--data_dir", default=None, help="dataset directory whose meta.pkl holds the tokenizer")
+    p.add_argument("--seq_len", type=int, default=0, help="tokens per sequence (default 256 text8, 1024 BPE)")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--load_ema", type=lambda s: s.lower() in ("1", "true", "yes"), dest="ema",
+                   help="the original's flag: --load_ema false is --no-ema")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=None, help="coarse grid of N < T steps (approximate)")
+    p.add_argument("--prompt", default=None, help="text the sequences start with")
+    p.add_argument("--infill", default=None, help="template: placeholders are generated, the rest kept")
+    p.add_argument("--out", default=None, help="also write the samples to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON object with samples and timings")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be at least 1")
+
+    dev = pick_device(args.device)
+    model = open_model(args.ckpt, args.ema, dev)
+    vocab = model.vocab_size
+    dataset = args.dataset or default_dataset(vocab)
+    codec = load_codec(vocab, dataset, args.data_dir)
+    seq_len = args.seq_len or (256 if dataset == "text8" else 1024)
+    x = initial_ids(codec, args.batch_size, seq_len, args.prompt, args.infill).to(dev)
+
+    generator = torch.Generator(device=dev).manual_seed(args.seed)
+    view = LiveView(codec) if sys.stdout.isatty() and not args.json else None
+    if view:
+        view(x, force=True)
+    t0 = time.time()
+    samples, calls = model.sample(x, steps=args.steps, generator=generator, callback=view)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    texts = [codec.decode(row) for row in samples.tolist()]
+
+    if args.json:
+        print(json.dumps({"samples": texts, "ids": samples.tolist(), "network_calls": calls,
+                          "seconds": seconds, "steps": args.steps or model.T, "seed": args.seed}))
+    else:
+        if view:
+            view(samples, force=True)
+        else:
+            print("\n\n".join(texts))
+        print(f"[{calls} network calls for {args.batch_size} x {samples.shape[1]} tokens in {seconds:.2f} s]",
+              file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n\n".join(texts) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
