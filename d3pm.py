@@ -37,19 +37,21 @@ class D3PMAbsorbing(nn.Module):
         self.net = DiT(vocab_size + 1, n_embed, n_heads, n_blocks, n_cond, dropout)
         t = torch.arange(T + 1, dtype=torch.float64)
         betas = torch.where(t == 0, torch.zeros_like(t), 1.0 / (T - t + 1))
-        self.register_buffer("betas", betas.float())
-        self.register_buffer("alpha_bars", torch.cumprod(1 - betas, dim=0).float())
+        alpha_bars = torch.cumprod(1 - betas, dim=0)
+        self.register_buffer("betas", betas.float())  # float32 copies: the checkpoints hold these
+        self.register_buffer("alpha_bars", alpha_bars.float())
+        self.register_buffer("ab64", alpha_bars, persistent=False)  # float64, used in all the math
 
     # ---- forward process -------------------------------------------------------------------
     def q_sample(self, x0, t, generator=None):
         """Draw x_t ~ q(x_t | x_0): mask each token independently w.p. 1 - alpha_bar_t. t: (B,) long."""
-        keep = self.alpha_bars[t].to(torch.float32)[:, None]
-        u = torch.rand(x0.shape, device=x0.device, generator=generator)
+        keep = self.ab64[t][:, None]
+        u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         return torch.where(u < keep, x0, torch.full_like(x0, self.mask_id))
 
     def unmask_prob(self, t):
         """P(a masked x_t becomes unmasked in x_{t-1}) = (alpha_bar_{t-1} - alpha_bar_t) / (1 - alpha_bar_t)."""
-        ab = self.alpha_bars.double()
+        ab = self.ab64
         return (ab[t - 1] - ab[t]) / (1 - ab[t])
 
     # ---- objective -------------------------------------------------------------------------
@@ -65,8 +67,8 @@ class D3PMAbsorbing(nn.Module):
         kl = w_t * ce on masked positions (0 elsewhere and for t = 0); ce at every position.
         """
         ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L), float32
-        ab = self.alpha_bars
-        w = (ab[t] - ab[t + 1]) / (1 - ab[t + 1])
+        ab = self.ab64
+        w = ((ab[t] - ab[t + 1]) / (1 - ab[t + 1])).float()
         w = torch.where(t >= 1, w, torch.zeros_like(w))
         kl = w[:, None] * ce * (x_noisy == self.mask_id)
         return kl, ce
@@ -135,7 +137,7 @@ class D3PMAbsorbing(nn.Module):
         """
         x = x.clone()
         B, L = x.shape
-        ab = self.alpha_bars.double()
+        ab = self.ab64
         p_tau = ab[:-1] - ab[1:]  # P(tau = t) for t = 1..T
         tau = torch.multinomial(p_tau, B * L, replacement=True, generator=generator).view(B, L) + 1
         if steps is not None and steps < self.T:
