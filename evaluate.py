@@ -96,7 +96,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="windows per batch (one network call)")
     p.add_argument("--seq_len", type=int, default=0, help="tokens per window (default 256 text8, 1024 BPE)")
     p.add_argument("--target_se", type=float, default=0.002, help="stop when the standard error (bits) is below")
-    p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0: no limit)")
+    p.add_argument("--max_batches", type=int, default=0,
+                   help="stop after this many batches (0: no limit; under torchrun a multiple of the world size)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -135,8 +136,9 @@ def main(argv=None):
               "tokens": len(estimates) * args.batch_size * seq_len, "batches": len(estimates),
               "split": args.split, "T": model.T}
     if rank == 0:
-        if args.json:
-            print(json.dumps(result))
+        if args.json:  # strict JSON: an undefined standard error (one batch) is null
+            finite = math.isfinite(se)
+            print(json.dumps({**result, "se": se if finite else None, "ci95": result["ci95"] if finite else None}))
         else:
             print(f"{args.split}: {bpt:.4f} \u00b1 {se:.4f} bits/token (95% interval {result['ci95'][0]:.4f}.."
                   f"{result['ci95'][1]:.4f}), {len(estimates)} batches of {args.batch_size} x {seq_len} tokens")
