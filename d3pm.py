@@ -66,7 +66,7 @@ class D3PMAbsorbing(nn.Module):
 
         kl = w_t * ce on masked positions (0 elsewhere and for t = 0); ce at every position.
         """
-        ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L), float32
+        ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)  # float32
         ab = self.ab64
         w = ((ab[t] - ab[t + 1]) / (1 - ab[t + 1])).float()
         w = torch.where(t >= 1, w, torch.zeros_like(w))

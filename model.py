@@ -127,10 +127,11 @@ class DiT(nn.Module):
         self.adaLN_modulation = nn.Linear(n_cond, 2 * n_embed)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
+        self.bf16 = True  # bfloat16 autocast on CUDA (set False for float32/TF32)
 
     def forward(self, x, t):
         """x: (B, L) long, t: (B,) time (float step index). Returns float32 logits (B, L, K)."""
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.bf16 and x.device.type == "cuda"):
             h = self.vocab_embed(x)
             cond = self.c_embed(t)
             cos, sin = self.rotary_emb(x.shape[1], x.device)

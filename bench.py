@@ -1,0 +1,280 @@
+"""
+Measure training, sampling and evaluation speed (and memory) on the current device.
+
+    python bench.py d3pm_text8_cpu                          # all benchmarks, one JSON line each
+    python bench.py d3pm_text8 --mode=train --compile=True  # CUDA: torch.compile on/off, --bf16=False
+    python bench.py d3pm_openwebtext_8gpu --mode=memory --batch_size=4 --seq_len=256
+    python bench.py d3pm_text8_cpu --mode=sample --ckpt=out/d3pm_text8_cpu/ckpt.pt
+
+Modes:
+  train   tokens/s of forward + backward + AdamW step after warm-up; peak memory (CUDA: max allocated,
+          CPU: peak RSS of the process); on CUDA the model FLOPs utilisation, with
+          FLOPs/token = 6 N + 12 n_blocks n_embed seq_len   (N = parameters incl. the tied output matrix;
+          the second term is QK^T and AV of full, non-causal attention, forward + backward)
+          divided by the GPU's dense bf16 peak (H100/H200: 989 TFLOP/s; override with --peak_tflops).
+  memory  peak memory of one training step with the closed-form loss vs the same step with full
+          (B, L, K) posterior tensors, each in a fresh process; step_mem is the peak minus what was
+          in use before the step (model, optimizer state not yet allocated, data).
+  sample  sequences/s and network calls of the exact fast sampler vs the plain T-step loop.
+  eval    network calls needed to reach --target_se with evaluate.py's stratified estimator vs the
+          plain estimator (one random t in {0..T-1} per sequence, weight T), from the spread of
+          --eval_batches per-batch estimates of each.
+"""
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import configs
+from train import CONFIG_NAMES, UserError
+
+# ---- defaults, overridden by --key=value -------------------------------------------------------------
+mode = "all"  # train, memory, sample, eval, all (all = train, sample, eval)
+batch_size = 0  # 0: the config's
+seq_len = 0  # 0: the config's
+vocab_size = 0  # 0: the config's (e.g. 50257 to bench the BPE output layer on a small model)
+steps = 10  # timed training steps
+warmup = 3  # untimed steps first (compilation happens here)
+compile = False  # torch.compile the model (CUDA)
+bf16 = True  # bfloat16 autocast (CUDA)
+loss = "closed"  # closed (d3pm.py) or posterior (full (B, L, K) posterior tensors, for comparison)
+device = "auto"
+peak_tflops = 0.0  # 0: detect H100/H200/A100, else no MFU
+ckpt = ""  # sample/eval: a checkpoint instead of random weights
+data_dir = ""  # eval: a dataset directory (default: random tokens)
+sample_batch = 4
+eval_batches = 30
+eval_batch_size = 32
+target_se = 0.01
+seed = 0
+# -------------------------------------------------------------------------------------------------------
+KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+
+def parse(argv):
+    config = None
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\nconfigs: " + ", ".join(CONFIG_NAMES) + "\noptions: "
+                  + " ".join(f"--{k}={globals()[k]!r}" for k in KEYS))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            if arg not in CONFIG_NAMES:
+                raise UserError(f"unknown config {arg!r}; valid: " + ", ".join(CONFIG_NAMES))
+            config = arg
+            continue
+        key, _, text = arg[2:].partition("=")
+        if key not in KEYS:
+            raise UserError(f"unknown option --{key}; valid: " + ", ".join(KEYS))
+        kind = type(globals()[key])
+        try:
+            value = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+        except ValueError:
+            raise UserError(f"--{key}={text}: expected {kind.__name__}")
+        globals()[key] = value
+    return config or "d3pm_text8_cpu"
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(dev):
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def detect_peak_tflops(dev):
+    if peak_tflops:
+        return peak_tflops
+    if dev.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in {"H100": 989.0, "H200": 989.0, "A100": 312.0}.items() if k in name), 0.0)
+
+
+def posterior_loss_terms(model, logits, x0, x_noisy, t):
+    """The long-form KL with full (B, L, K) posteriors q(x_t | x_{t+1}, x_0) and p(x_t | x_{t+1}),
+    as a D3PM implementation without the closed form computes it (memory comparison only)."""
+    K, m = logits.shape[-1], model.mask_id
+    ab = model.ab64.float()
+    a_t, a_next = ab[t][:, None, None], ab[t + 1][:, None, None]
+    beta = 1 - a_next / a_t.clamp_min(1e-12)  # beta_{t+1}
+    mask_col = F.one_hot(torch.tensor(m, device=x0.device), K).float()
+    masked = (x_noisy == m)[..., None]
+    # q(x_{t+1} | x_t = k) for the observed x_{t+1}, as a function of k
+    fact1 = torch.where(masked, beta + (1 - beta) * mask_col, (1 - beta) * F.one_hot(x_noisy, K).float())
+    q = fact1 * (a_t * F.one_hot(x0, K).float() + (1 - a_t) * mask_col)
+    q = q / q.sum(-1, keepdim=True)
+    p = fact1 * (a_t * logits.softmax(-1) + (1 - a_t) * mask_col)
+    p = p / p.sum(-1, keepdim=True)
+    kl = (q * (q.clamp_min(1e-30).log() - p.clamp_min(1e-30).log())).sum(-1)
+    kl = torch.where((t >= 1)[:, None], kl, torch.zeros_like(kl))
+    ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
+    return kl, ce
+
+
+def build(config, dev):
+    model_cls, model_args, training_args = getattr(configs, config)()
+    if vocab_size:
+        model_args["vocab_size"] = vocab_size
+    if ckpt:
+        from d3pm import load_checkpoint
+        model = load_checkpoint(ckpt, map_location=dev)
+        model_args = model.checkpoint_meta["model_args"]
+    else:
+        torch.manual_seed(seed)
+        model = model_cls(**model_args).to(dev)
+    model.net.bf16 = bf16
+    if loss == "posterior":
+        model.loss_terms = lambda *a: posterior_loss_terms(model, *a)
+    B = batch_size or training_args.get("batch_size", 8)
+    L = seq_len or training_args.get("seq_len", 256)
+    return model, model_args, B, L
+
+
+def bench_train(config, dev):
+    model, model_args, B, L = build(config, dev)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    step_model = torch.compile(model) if compile and dev.type == "cuda" else model
+    x = torch.randint(model.vocab_size, (B, L), device=dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    base_mem = peak_memory_mb(dev) if dev.type == "cpu" else torch.cuda.memory_allocated(dev) / 2**20
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(dev)
+            t0 = time.time()
+        loss_value, metrics = step_model(x)[1:]
+        loss_value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(dev)
+    dt = (time.time() - t0) / steps
+    tokens_per_s = B * L / dt
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params + 12 * model_args["n_blocks"] * model_args["n_embed"] * L
+    peak = detect_peak_tflops(dev)
+    emit({"bench": "train", "config": config, "device": str(dev), "gpu": torch.cuda.get_device_name(dev)
+          if dev.type == "cuda" else None, "batch_size": B, "seq_len": L, "K": model.vocab_size + 1,
+          "params_M": n_params / 1e6, "compile": compile and dev.type == "cuda", "bf16": bf16 and dev.type == "cuda",
+          "loss": loss, "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_s, "peak_mem_MB": peak_memory_mb(dev),
+          "step_mem_MB": peak_memory_mb(dev) - base_mem,
+          "flops_per_token": flops_per_token,
+          "mfu": tokens_per_s * flops_per_token / (peak * 1e12) if peak else None,
+          "final_loss": loss_value.item()})
+
+
+def bench_memory(config, dev):
+    """One training step (steps=1, warmup=0) per loss implementation, each in a fresh process."""
+    results = {}
+    for impl in ("closed", "posterior"):
+        argv = [sys.executable, os.path.abspath(__file__), config, "--mode=train", f"--loss={impl}", "--steps=1",
+                "--warmup=0", f"--batch_size={batch_size}", f"--seq_len={seq_len}", f"--vocab_size={vocab_size}",
+                f"--device={device}", f"--bf16={bf16}"]
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode != 0:
+            results[impl] = None
+            print(f"{impl}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})",
+                  file=sys.stderr)
+            continue
+        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    closed, post = results["closed"], results["posterior"]
+    emit({"bench": "memory", "config": config, "device": str(dev),
+          "batch_size": closed and closed["batch_size"], "seq_len": closed and closed["seq_len"],
+          "K": closed and closed["K"], "closed_peak_MB": closed and closed["peak_mem_MB"],
+          "posterior_peak_MB": post and post["peak_mem_MB"],
+          "closed_step_MB": closed and closed["step_mem_MB"], "posterior_step_MB": post and post["step_mem_MB"],
+          "closed_tokens_per_s": closed and closed["tokens_per_s"],
+          "posterior_tokens_per_s": post and post["tokens_per_s"],
+          "step_mem_ratio": post["step_mem_MB"] / closed["step_mem_MB"] if closed and post else None})
+
+
+def bench_sample(config, dev):
+    model, _, _, L = build(config, dev)
+    model.eval()
+    x = torch.full((sample_batch, L), model.mask_id, device=dev)
+    result = {"bench": "sample", "config": config, "device": str(dev), "batch": sample_batch, "seq_len": L,
+              "T": model.T, "compile": False}
+    for name, run in (("fast", lambda g: model.sample(x, generator=g)),
+                      ("plain", lambda g: (model.sample_ancestral(x, generator=g), model.T))):
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        sync(dev)
+        t0 = time.time()
+        _, calls = run(gen)
+        sync(dev)
+        dt = time.time() - t0
+        result.update({f"{name}_seconds": dt, f"{name}_calls": calls, f"{name}_seq_per_s": sample_batch / dt})
+    result["speedup"] = result["plain_seconds"] / result["fast_seconds"]
+    emit(result)
+
+
+@torch.no_grad()
+def bench_eval(config, dev):
+    from evaluate import batch_estimate
+    model, _, _, L = build(config, dev)
+    model.eval()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    data = None
+    if data_dir:
+        from train import open_split
+        data = open_split(data_dir, "val")
+    stratified, plain = [], []
+    for _ in range(eval_batches):
+        if data is not None:
+            ix = rng.integers(0, len(data) - L + 1, size=eval_batch_size)
+            x0 = torch.from_numpy(np.stack([data[i:i + L] for i in ix]).astype(np.int64)).to(dev)
+        else:
+            x0 = torch.randint(model.vocab_size, (eval_batch_size, L), device=dev, generator=gen)
+        stratified.append(float(batch_estimate(model, x0, float(torch.rand((), generator=gen, device=dev)), gen)))
+        t = torch.randint(model.T, (eval_batch_size,), device=dev, generator=gen)
+        x_noisy = model.q_sample(x0, t + 1, gen)
+        kl, ce = model.loss_terms(model.logits(x_noisy, t + 1), x0, x_noisy, t)
+        per_seq = torch.where(t >= 1, kl.double().mean(1), ce.double().mean(1))
+        plain.append(float(model.T * per_seq.mean()))
+    out = {"bench": "eval", "config": config, "device": str(dev), "batch": eval_batch_size, "seq_len": L,
+           "batches": eval_batches, "target_se_bits": target_se, "data": data_dir or "random tokens"}
+    for name, ests in (("stratified", stratified), ("plain", plain)):
+        bits = np.array(ests) / math.log(2)
+        out[f"{name}_bpt"] = float(bits.mean())
+        out[f"{name}_batch_std"] = float(bits.std(ddof=1))
+        out[f"{name}_calls_for_target"] = math.ceil((bits.std(ddof=1) / target_se) ** 2)
+    out["call_ratio"] = out["plain_calls_for_target"] / max(1, out["stratified_calls_for_target"])
+    emit(out)
+
+
+def main(argv):
+    config = parse(argv)
+    from sample import pick_device
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    runs = {"train": bench_train, "memory": bench_memory, "sample": bench_sample, "eval": bench_eval}
+    if mode != "all" and mode not in runs:
+        raise UserError(f"--mode={mode}: expected one of all, " + ", ".join(runs))
+    for name in (["train", "sample", "eval"] if mode == "all" else [mode]):
+        runs[name](config, dev)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
