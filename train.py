@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 
@@ -61,6 +62,9 @@ backend = ""  # DDP backend; "" picks nccl on CUDA, gloo on CPU
 device = "auto"  # auto, cpu, cuda, cuda:N
 compile = True  # torch.compile (CUDA only)
 training_seed = 1
+# faults
+max_bad_steps = 20  # stop after this many consecutive steps with a non-finite loss or gradient
+inject_nan = ""  # test-only fault injection: iterations (comma-separated, or "all") whose loss becomes NaN
 # ------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -160,7 +164,8 @@ def dataset_vocab_size(data_dir):
 
 def ensure_dataset(data_dir, is_master, ddp):
     """Prepare text8 automatically if it is missing; for other datasets say how to prepare them."""
-    ready = os.path.exists(os.path.join(data_dir, "meta.pkl")) or os.path.exists(os.path.join(data_dir, "train.bin"))
+    ready = os.path.exists(os.path.join(data_dir, "meta.pkl")) or all(  # nanoGPT-prepared .bin have no meta
+        os.path.exists(os.path.join(data_dir, f"{split}.bin")) for split in ("train", "val"))
     if not ready and dataset == "text8":
         if is_master:
             print(f"text8 not found in {data_dir}: preparing it (download, split, encode)...")
@@ -306,7 +311,7 @@ def set_rng_state(state, data_gen, dev):
 
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv):
-    global out_dir
+    global out_dir, resume
     config_name, overrides = parse_args(argv)
     model_cls, model_args, changed = load_config(config_name, overrides)
     if not out_dir:
@@ -345,15 +350,20 @@ def main(argv):
             raise UserError(f"the {name} split of {data_dir} has {len(split)} tokens, fewer than seq_len={seq_len}")
 
     # model, EMA, optimizer, possibly from a checkpoint
+    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and newest_checkpoint(out_dir):
+        resume = out_dir  # torchrun restarted the workers after a failure: continue where we were
     start = newest_checkpoint(resume) if resume else None
     if resume and start is None:
         raise UserError(f"--resume={resume}: no readable last.pt or ckpt.pt there")
+    data_vocab = dataset_vocab_size(data_dir)
     if start is not None:
         model_args = start[1]["model_args"]
-    data_vocab = dataset_vocab_size(data_dir)
-    if data_vocab != model_args["vocab_size"]:
-        raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the model has "
-                        f"{model_args['vocab_size']}: pick a config for this dataset")
+        if data_vocab != model_args["vocab_size"]:
+            raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the checkpoint in {resume} has "
+                            f"{model_args['vocab_size']}: resume on the dataset it was trained on")
+    elif data_vocab != model_args["vocab_size"]:
+        say(f"note: the model's vocab_size is the dataset's, {data_vocab} (config had {model_args['vocab_size']})")
+        model_args = {**model_args, "vocab_size": data_vocab}
 
     torch.manual_seed(training_seed + rank)
     data_gen = torch.Generator().manual_seed(10_000 * training_seed + rank)
@@ -393,12 +403,16 @@ def main(argv):
     if is_master:
         try:
             os.makedirs(out_dir, exist_ok=True)
+            for name in os.listdir(out_dir):  # half-written checkpoints of a killed run
+                if name.startswith(("ckpt.pt.tmp", "last.pt.tmp")):
+                    os.remove(os.path.join(out_dir, name))
             log_file = open(os.path.join(out_dir, "log.jsonl"), "a")
         except OSError as e:
             raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror}")
 
     def log(record):
-        if is_master:
+        if is_master:  # strict JSON: NaN/inf become null
+            record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
@@ -426,6 +440,9 @@ def main(argv):
         if ddp:
             rngs = [None] * world_size
             torch.distributed.all_gather_object(rngs, rng_state(data_gen, dev))
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            say(f"not writing {name}: the model has non-finite weights")
+            return
         if is_master:
             atomic_save({
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
@@ -434,8 +451,23 @@ def main(argv):
                 "iter_num": iter_num, "best_val_loss": best_val, "rng": rngs,
             }, os.path.join(out_dir, name))
 
+    # SIGTERM / SIGINT (pre-emption, Ctrl-C): finish the step, write last.pt, exit cleanly.
+    # A second Ctrl-C stops at once.
+    stop_signal = []
+
+    def on_signal(signum, frame):
+        stop_signal.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"rank {rank}: got signal {signum}; stopping after this step", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+        signal.siginterrupt(sig, False)  # restart interrupted system calls (gloo/NCCL sockets) instead of failing
+    nan_iters = {"all"} if inject_nan == "all" else {int(i) for i in inject_nan.split(",") if i.strip()}
+
     # training loop: iter_num counts completed optimizer steps
     model.train()
+    bad_in_a_row, bad_total = 0, 0
     t_last, tokens_since = time.time(), 0
     while iter_num < max_iters:
         lr = get_lr(iter_num)
@@ -446,14 +478,27 @@ def main(argv):
             sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
             with sync:
                 x = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
-                _, loss, metrics = train_model(x)
+                loss, metrics = train_model(x)[1:]  # drop the logits now: backward does not need them
+                if "all" in nan_iters or iter_num + 1 in nan_iters:
+                    loss = loss * float("nan")
                 (loss / gradient_accumulation_steps).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
         iter_num += 1
         tokens_since += tokens_per_iter
+        # gradients are all-reduced, so every rank takes the same decision here
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            ema.update()
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            say(f"iter {iter_num}: non-finite loss or gradient, update skipped ({bad_total} so far)")
+            log({"iter": iter_num, "split": "train", "skipped": True, "bad_steps": bad_total})
+            if bad_in_a_row >= max_bad_steps:
+                checkpoint("last.pt")  # the weights are still the last good ones: updates were skipped
+                raise UserError(f"{bad_in_a_row} consecutive non-finite steps at iteration {iter_num}; stopping "
+                                f"(last.pt holds the last good state; lower learning_rate or check the data)")
+        optimizer.zero_grad(set_to_none=True)
 
         if iter_num % log_interval == 0 or iter_num == max_iters:
             dt = time.time() - t_last
@@ -475,12 +520,19 @@ def main(argv):
             log({"iter": iter_num, "split": "val", **val})
             if improved or always_save_checkpoint:
                 checkpoint("ckpt.pt")
-        if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        stop = torch.tensor([len(stop_signal)], device=dev)
+        if ddp:  # every rank stops at the same step if any rank was signalled
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop.item():
             checkpoint("last.pt")
+        if stop.item():
+            say(f"stopped by signal at iteration {iter_num}; resume with --resume={out_dir}")
+            break
         t_last += time.time() - t_pause
 
     say(f"done: {iter_num} iterations, best val {eval_key} {best_val:.4f}, checkpoints in {out_dir}")
     if ddp:
+        torch.distributed.barrier()  # rank 0 may still be writing a checkpoint
         torch.distributed.destroy_process_group()
     return model
 
