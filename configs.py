@@ -42,12 +42,12 @@ def d3pm_openwebtext_32gpu():
 
 def d3pm_text8_cpu():
     """A small model that a 2-core laptop trains in about 15 minutes to samples with real words."""
-    model_args = dict(vocab_size=27, n_embed=256, n_heads=4, n_blocks=4, n_cond=64,
+    model_args = dict(vocab_size=27, n_embed=128, n_heads=2, n_blocks=4, n_cond=64,
                       dropout=0.0, T=1000, lambda_ce=0.05)
     training_args = dict(dataset="text8", batch_size=32, seq_len=128, gradient_accumulation_steps=1,
-                         learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, max_iters=3_000,
-                         weight_decay=0.1, eval_interval=500, eval_iters=20, log_interval=50,
-                         compile=False, training_seed=1)
+                         learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, max_iters=900, beta2=0.99,
+                         weight_decay=0.1, eval_interval=150, eval_iters=10, log_interval=25,
+                         ckpt_interval=150, ema_beta=0.99, compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
 
 
@@ -59,4 +59,16 @@ def d3pm_tiny():
                          learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, max_iters=20,
                          weight_decay=0.1, eval_interval=10, eval_iters=2, log_interval=5,
                          compile=False, training_seed=1)
+    return D3PMAbsorbing, model_args, training_args
+
+
+def d3pm_owt_cpu():
+    """A small GPT-2 BPE model for a laptop CPU, on OpenWebText or any corpus prepared with
+    data/prepare_openwebtext.py (--dataset=NAME; the vocabulary comes from the dataset)."""
+    model_args = dict(vocab_size=50257, n_embed=128, n_heads=2, n_blocks=4, n_cond=64,
+                      dropout=0.0, T=1000, lambda_ce=0.05)
+    training_args = dict(dataset="openwebtext", batch_size=8, seq_len=256, gradient_accumulation_steps=1,
+                         learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, max_iters=1000, beta2=0.99,
+                         weight_decay=0.1, eval_interval=200, eval_iters=10, log_interval=25,
+                         ckpt_interval=200, ema_beta=0.99, compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args

@@ -1,0 +1,71 @@
+"""The whole BPE path without network: a hand-built tiktoken.Encoding, a local .jsonl corpus,
+prepare -> train a few steps -> evaluate -> sample (with infilling), all through the CLIs."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO_ROOT
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+WORDS = "the cat sat on a mat and then there was another thin thing in her hand".split()
+
+
+def run(*cmd):
+    out = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_prepare_train_evaluate_sample_with_a_custom_bpe(tmp_path, tiny_bpe):
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, size=rng.integers(5, 30))) for _ in range(120)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    enc_file = tmp_path / "tiny.pkl"
+    enc_file.write_bytes(pickle.dumps(dict(name=tiny_bpe.name, pat_str=tiny_bpe._pat_str,
+                                           mergeable_ranks=tiny_bpe._mergeable_ranks,
+                                           special_tokens=tiny_bpe._special_tokens)))
+    data_root = tmp_path / "data"
+    run("data/prepare_openwebtext.py", "--input", str(corpus), "--out", str(data_root / "mine"),
+        "--encoding_file", str(enc_file), "--val_fraction", "0.25")
+
+    # the .bin files hold exactly the documents, each encoded and followed by end-of-text
+    meta = pickle.load(open(data_root / "mine" / "meta.pkl", "rb"))
+    assert meta["vocab_size"] == tiny_bpe.n_vocab
+    eot = tiny_bpe.eot_token
+    train = np.memmap(data_root / "mine" / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(data_root / "mine" / "val.bin", dtype=np.uint16, mode="r")
+    both = np.concatenate([train, val])
+    assert (both == eot).sum() == len(docs)
+    every_doc = sorted(tuple(tiny_bpe.encode_ordinary(d)) for d in docs)
+    pieces = np.split(both, np.flatnonzero(both == eot) + 1)[:-1]
+    assert sorted(tuple(p[:-1].tolist()) for p in pieces) == every_doc
+
+    # train: the model takes its vocabulary from the dataset
+    run_dir = tmp_path / "run"
+    run("train.py", "d3pm_tiny", "--dataset=mine", f"--data_root_dir={data_root}", f"--out_dir={run_dir}",
+        "--max_iters=4", "--eval_interval=2", "--seq_len=32", "--batch_size=4")
+    ckpt = run_dir / "ckpt.pt"
+    import torch
+    assert torch.load(ckpt, weights_only=True)["model_args"]["vocab_size"] == tiny_bpe.n_vocab
+
+    result = json.loads(run("evaluate.py", str(ckpt), "--data_dir", str(data_root / "mine"), "--split", "val",
+                            "--seq_len", "32", "--batch_size", "4", "--max_batches", "3", "--json").stdout)
+    assert result["network_calls"] == 3 and result["bpt"] > 0
+
+    out = json.loads(run("sample.py", str(ckpt), "--data_dir", str(data_root / "mine"), "--seq_len", "24",
+                         "--batch_size", "2", "--json").stdout)
+    for ids, text in zip(out["ids"], out["samples"]):
+        assert len(ids) == 24 and max(ids) < tiny_bpe.n_vocab
+        assert text == tiny_bpe.decode(ids)
+
+    template = "the cat \u2588\u2588\u2588\u2588 on the mat"
+    out = json.loads(run("sample.py", str(ckpt), "--data_dir", str(data_root / "mine"), "--infill", template,
+                         "--json").stdout)
+    ids = out["ids"][0]
+    head, tail = tiny_bpe.encode_ordinary("the cat "), tiny_bpe.encode_ordinary(" on the mat")
+    assert ids[:len(head)] == head and ids[len(ids) - len(tail):] == tail and len(ids) == len(head) + 4 + len(tail)
