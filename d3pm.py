@@ -98,7 +98,6 @@ class D3PMAbsorbing(nn.Module):
                        bpt=l_T.detach() / math.log(2))
         return logits, loss, metrics
 
-
     # ---- sampling ----------------------------------------------------------------------------
     def draw(self, logits, generator=None):
         """One sample per row of (N, K) logits, by Gumbel-max in float64 (float32 noise truncates the tail)."""
@@ -112,13 +111,10 @@ class D3PMAbsorbing(nn.Module):
         from it (unmask_prob(1) = 1, so nothing is masked at the end). T network calls."""
         x = x.clone()
         for t in range(self.T, 0, -1):
-            unmask = (x == self.mask_id) & (torch.rand(x.shape, dtype=torch.float64, device=x.device,
-                                                       generator=generator) < self.unmask_prob(t))
-            if unmask.any():  # the network is called every step regardless, as the plain loop does
-                logits = self.logits(x, torch.full((x.shape[0],), t, device=x.device))
-                x[unmask] = self.draw(logits[unmask], generator)
-            else:
-                self.logits(x, torch.full((x.shape[0],), t, device=x.device))
+            logits = self.logits(x, torch.full((x.shape[0],), t, device=x.device))
+            u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+            unmask = (x == self.mask_id) & (u < self.unmask_prob(t))
+            x[unmask] = self.draw(logits[unmask], generator)
         return x
 
     @torch.no_grad()
