@@ -1,0 +1,595 @@
+"""
+Tests for train.py: checkpoint layout (nanoDD compatibility, ../shared/reference/nanodd-compat.md
+section 1), exact resume, DDP on CPU (gloo, via torchrun), command-line errors, the learning-rate
+schedule, the optimizer's weight-decay groups and the EMA recursion.
+
+Training runs are subprocesses of `python train.py d3pm_tiny` on a tiny fake text8 dataset
+(conftest.py), with OMP_NUM_THREADS=1; every run is a few dozen steps of a 20k-parameter model.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import configs  # noqa: E402
+import d3pm  # noqa: E402
+import train  # noqa: E402
+
+TINY_MODEL_ARGS = configs.d3pm_tiny()[1]
+MODEL_ARG_KEYS = {"vocab_size", "n_embed", "n_heads", "n_blocks", "n_cond", "dropout", "T", "lambda_ce"}
+# the nanoDD layout (reference section 1) plus the one documented extra: per-rank RNG states for resume
+REFERENCE_KEYS = {"model", "ema", "optimizer", "model_cls", "model_args", "training_args",
+                  "total_batch_size", "iter_num", "best_val_loss"}
+EXTRA_KEYS = {"rng"}
+TIMEOUT = 180
+EXIT_ABORT = "terminate called without an active exception"
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def sub_env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    return env
+
+
+def run_train(*args, check=True, env=None):
+    """python train.py ARGS from the repository root; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO, env=env or sub_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    if check and proc.returncode != 0:
+        pytest.fail(f"train.py {' '.join(map(str, args))} exited {proc.returncode}\n"
+                    f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def strict_json(line):
+    """json.loads that rejects NaN / Infinity (not valid JSON)."""
+    def bad(const):
+        raise ValueError(f"non-standard JSON constant {const}")
+    return json.loads(line, parse_constant=bad)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [strict_json(line) for line in f if line.strip()]
+
+
+def assert_states_equal(a, b, what):
+    assert set(a) == set(b), f"{what}: keys differ: {sorted(set(a) ^ set(b))}"
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{what}: {len(differing)} of {len(a)} tensors differ, e.g. {differing[:4]}"
+
+
+def states_differ(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def tmp_files(out_dir):
+    return [p for p in os.listdir(out_dir) if ".tmp" in p]
+
+
+# ---- shared runs: A = 20 steps straight; B = 10 steps, then resumed to 20 ---------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_text8_shared):
+    root = tmp_path_factory.mktemp("runs")
+    common = ["d3pm_tiny", f"--data_root_dir={tiny_text8_shared}", "--lr_decay_iters=20", "--eval_interval=7",
+              "--ema_update_after_step=3", "--ema_beta=0.9"]  # EMA actually averages within 20 steps
+    a_dir, b_dir = root / "A", root / "B"
+    run_train(*common, f"--out_dir={a_dir}", "--max_iters=20")
+    run_train(*common, f"--out_dir={b_dir}", "--max_iters=10", "--ckpt_interval=5")
+    b10 = root / "B_last_at_10.pt"
+    shutil.copyfile(b_dir / "last.pt", b10)
+    resumed = run_train(*common, f"--resume={b_dir}", "--max_iters=20")
+    return dict(a=a_dir, b=b_dir, b10=b10, resumed_stdout=resumed.stdout)
+
+
+# ---- 1. checkpoint layout -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["last.pt", "ckpt.pt"])
+def test_checkpoint_layout(runs, name):
+    path = runs["a"] / name
+    ckpt = load(path)  # weights_only=True must work
+    assert isinstance(ckpt, dict)
+    assert set(ckpt) == REFERENCE_KEYS | EXTRA_KEYS
+
+    assert ckpt["model_cls"] == "D3PMAbsorbing"
+    assert isinstance(ckpt["model_args"], dict) and set(ckpt["model_args"]) == MODEL_ARG_KEYS
+    assert ckpt["model_args"] == TINY_MODEL_ARGS
+
+    ref_state = d3pm.D3PMAbsorbing(**ckpt["model_args"]).state_dict()
+    assert set(ckpt["model"]) == set(ref_state)
+    for k, v in ref_state.items():
+        assert ckpt["model"][k].shape == v.shape and ckpt["model"][k].dtype == v.dtype, k
+
+    ema = ckpt["ema"]
+    assert set(ema) == {"initted", "step"} | {"ema_model." + k for k in ref_state}
+    assert ema["initted"].dtype == torch.bool
+    assert not ema["step"].is_floating_point() and not ema["step"].is_complex() and ema["step"].dtype != torch.bool
+    assert int(ema["step"]) == ckpt["iter_num"]  # one EMA update per optimizer step
+    assert bool(ema["initted"])  # ema_update_after_step=3 < iter_num
+    for k, v in ref_state.items():
+        assert ema["ema_model." + k].shape == v.shape, k
+
+    opt = ckpt["optimizer"]
+    assert set(opt) >= {"state", "param_groups"}
+    assert sorted(g["weight_decay"] for g in opt["param_groups"]) == [0.0, 0.1]
+
+    ta = ckpt["training_args"]
+    assert isinstance(ta, dict)
+    assert ta["max_iters"] == 20 and ta["lr_decay_iters"] == 20 and ta["eval_interval"] == 7
+    assert ta["batch_size"] == 8 and ta["dataset"] == "text8"  # from the d3pm_tiny config
+    assert all(isinstance(v, (int, float, bool, str)) for v in ta.values())
+
+    assert isinstance(ckpt["total_batch_size"], int) and ckpt["total_batch_size"] == 8  # 1 accum x 1 rank x 8
+    assert isinstance(ckpt["iter_num"], int)
+    assert isinstance(ckpt["best_val_loss"], float) and math.isfinite(ckpt["best_val_loss"])
+
+    assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 1  # one entry per rank
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["rng"][0].values())
+
+    # d3pm.load_checkpoint: EMA weights by default, raw weights on request
+    m_ema = d3pm.load_checkpoint(str(path))
+    m_raw = d3pm.load_checkpoint(str(path), ema=False)
+    assert not m_ema.training and not m_raw.training
+    assert_states_equal(m_raw.state_dict(), ckpt["model"], "raw weights")
+    assert_states_equal(m_ema.state_dict(), {k[len("ema_model."):]: v for k, v in ema.items()
+                                             if k.startswith("ema_model.")}, "EMA weights")
+    assert states_differ(m_ema.state_dict(), m_raw.state_dict()), "EMA and raw weights should differ"
+    assert m_ema.checkpoint_meta["iter_num"] == ckpt["iter_num"]
+
+
+def test_checkpoint_iters_best_val_and_log(runs):
+    out = runs["a"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "last.pt", "log.jsonl"], os.listdir(out)
+    last, best = load(out / "last.pt"), load(out / "ckpt.pt")
+    assert last["iter_num"] == 20
+
+    records = read_log(out)
+    train_recs = [r for r in records if r["split"] == "train"]
+    val_recs = [r for r in records if r["split"] == "val"]
+    assert [r["iter"] for r in train_recs] == [5, 10, 15, 20]  # log_interval=5 in d3pm_tiny
+    assert [r["iter"] for r in val_recs] == [7, 14, 20]  # eval_interval=7, and at max_iters
+    for r in train_recs:
+        for k in ("loss", "lr", "grad_norm", "kl", "ce", "l_T", "bpt"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r)
+    for r in val_recs:
+        for k in ("loss", "l_T", "bpt"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r)
+        assert r["bpt"] == pytest.approx(r["l_T"] / math.log(2))
+
+    # best checkpoint: selected by val l_T (eval_key default); ckpt.pt is the best evaluation
+    best_rec = min(val_recs, key=lambda r: r["l_T"])
+    assert last["best_val_loss"] == best_rec["l_T"]
+    assert best["best_val_loss"] == best_rec["l_T"]
+    assert best["iter_num"] == best_rec["iter"]
+
+
+# ---- 3. exact resume ----------------------------------------------------------------------------
+def test_resume_is_bit_exact(runs):
+    assert TINY_MODEL_ARGS["dropout"] > 0  # dropout RNG is part of what must be restored
+    assert "resuming from" in runs["resumed_stdout"] and "iteration 10" in runs["resumed_stdout"]
+    a, b, b10 = load(runs["a"] / "last.pt"), load(runs["b"] / "last.pt"), load(runs["b10"])
+    assert b10["iter_num"] == 10 and a["iter_num"] == b["iter_num"] == 20
+
+    # not vacuous: 10 more steps change the weights and the EMA weights, and the EMA is not a copy
+    def ema_weights(ckpt):
+        return {k[len("ema_model."):]: v for k, v in ckpt["ema"].items() if k.startswith("ema_model.")}
+    assert states_differ(a["model"], b10["model"])
+    assert states_differ(ema_weights(a), ema_weights(b10))
+    assert states_differ(ema_weights(a), a["model"])
+
+    assert_states_equal(a["model"], b["model"], "model after resume")
+    assert_states_equal(a["ema"], b["ema"], "EMA after resume")
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert set(sa) == set(sb)
+    for i in sa:
+        assert_states_equal(sa[i], sb[i], f"optimizer state {i}")
+    for k in ("torch", "data"):
+        assert torch.equal(a["rng"][0][k], b["rng"][0][k]), k
+
+    # the resumed run appends to the same log; its records from iteration 14 on match run A's
+    def after10(out):
+        return [r for r in read_log(out) if r["iter"] > 10 and r["split"] == "val"]
+    assert after10(runs["a"]) == after10(runs["b"])
+    # B's log: 10 steps, then the resumed part, in one file
+    assert [r["iter"] for r in read_log(runs["b"]) if r["split"] == "train"] == [5, 10, 15, 20]
+
+
+# ---- 2. torchrun / DDP on CPU -------------------------------------------------------------------
+WRAPPER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+import train
+
+train_len = int(os.environ["TEST_TRAIN_LEN"])
+seen = []
+_get_batch = train.get_batch
+
+def recording_get_batch(data, generator, vocab_size, dev):
+    x = _get_batch(data, generator, vocab_size, dev)
+    if len(data) == train_len:  # training batches only (val has another length)
+        seen.append(x.clone())
+    return x
+
+train.get_batch = recording_get_batch
+model = train.main(sys.argv[1:])
+rank = os.environ.get("RANK", "single")
+torch.save({{"state": model.state_dict(), "batches": seen}},
+           os.path.join(os.environ["TEST_RANKS_DIR"], "rank" + rank + ".pt"))
+"""
+
+needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def ddp_setup(tmp_path_factory, tiny_text8_shared):
+    root = tmp_path_factory.mktemp("ddp")
+    wrapper = root / "wrapper.py"
+    wrapper.write_text(textwrap.dedent(WRAPPER.format(repo=str(REPO))))
+    train_len = len(np.load(os.path.join(tiny_text8_shared, "text8", "train.npy"), mmap_mode="r"))
+    common = ["d3pm_tiny", f"--data_root_dir={tiny_text8_shared}", "--lr_decay_iters=6", "--eval_interval=3",
+              "--log_interval=2", "--ema_update_after_step=1", "--ema_beta=0.9"]
+
+    def launch(ranks_dir, *args, nproc=2):
+        os.makedirs(ranks_dir, exist_ok=True)
+        env = sub_env()
+        env.update(TEST_RANKS_DIR=str(ranks_dir), TEST_TRAIN_LEN=str(train_len))
+        if nproc:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        else:
+            cmd = [sys.executable]
+        proc = subprocess.run(cmd + [str(wrapper), *common, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        saved = all(os.path.exists(os.path.join(ranks_dir, f"rank{r}.pt"))
+                    for r in (range(nproc) if nproc else ["single"]))
+        if proc.returncode != 0 and saved and EXIT_ABORT in proc.stderr and "done:" in proc.stdout:
+            # every rank finished main() and saved its result, then a rank died in interpreter shutdown:
+            # judged by test_torchrun_exits_cleanly, so that the tests of what was trained still run
+            exit_aborts.append(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+        elif proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} ... exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    exit_aborts = []
+    return root, launch, exit_aborts
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(ddp_setup):
+    """6 steps on 2 ranks (torchrun), and the same command as one plain process."""
+    root, launch, _ = ddp_setup
+    launch(root / "ranks", f"--out_dir={root / 'out'}", "--max_iters=6")
+    launch(root / "single_ranks", f"--out_dir={root / 'single_out'}", "--max_iters=6", nproc=0)
+    return root
+
+
+@needs_gloo
+def test_torchrun_two_ranks_cpu(ddp_runs):
+    root = ddp_runs
+    out, ranks, single_ranks = root / "out", root / "ranks", root / "single_ranks"
+    r0, r1 = load(ranks / "rank0.pt"), load(ranks / "rank1.pt")
+    single = load(single_ranks / "ranksingle.pt")
+
+    # gradients are all-reduced: both ranks end with bit-identical weights
+    assert_states_equal(r0["state"], r1["state"], "rank 0 vs rank 1 weights")
+
+    # each rank drew its own training data (6 steps x 1 micro-step)
+    assert len(r0["batches"]) == len(r1["batches"]) == 6
+    assert all(not torch.equal(x0, x1) for x0, x1 in zip(r0["batches"], r1["batches"]))
+    # rank 0 draws the same batches as a single process with the same seed; yet the result differs,
+    # because rank 1's gradients were averaged in
+    assert all(torch.equal(x, y) for x, y in zip(r0["batches"], single["batches"]))
+    assert states_differ(r0["state"], single["state"])
+
+    # rank 0 alone wrote one checkpoint set, atomically
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "last.pt", "log.jsonl"], os.listdir(out)
+    last = load(out / "last.pt")
+    assert last["iter_num"] == 6
+    assert last["total_batch_size"] == 2 * 8
+    assert len(last["rng"]) == 2  # one RNG state per rank
+    assert_states_equal(last["model"], r0["state"], "last.pt vs the trained model")
+
+    records = read_log(out)
+    assert [r["iter"] for r in records if r["split"] == "train"] == [2, 4, 6]
+    assert [r["iter"] for r in records if r["split"] == "val"] == [3, 6]
+    for r in records:
+        assert all(math.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
+
+
+@needs_gloo
+def test_torchrun_resume_is_bit_exact(ddp_setup, ddp_runs):
+    root, launch, _ = ddp_setup
+    straight = ddp_runs / "out"  # 6 steps without interruption
+    split = root / "split"
+    launch(root / "split_ranks_1", f"--out_dir={split}", "--max_iters=3")
+    first = load(split / "last.pt")
+    launch(root / "split_ranks_2", f"--resume={split}", "--max_iters=6")
+    a, b = load(straight / "last.pt"), load(split / "last.pt")
+    assert first["iter_num"] == 3 and a["iter_num"] == b["iter_num"] == 6
+    assert states_differ(first["model"], a["model"])
+    assert_states_equal(a["model"], b["model"], "DDP model after resume")
+    assert_states_equal(a["ema"], b["ema"], "DDP EMA after resume")
+    r = load(root / "split_ranks_2" / "rank1.pt")
+    assert_states_equal(r["state"], b["model"], "rank 1 after resume")
+    # each rank got its own data stream back: rank 1's batches 4..6 are those of the straight run
+    straight_r1 = load(ddp_runs / "ranks" / "rank1.pt")
+    assert len(r["batches"]) == 3
+    assert all(torch.equal(x, y) for x, y in zip(r["batches"], straight_r1["batches"][3:]))
+    assert not tmp_files(split)
+
+
+@needs_gloo
+def test_torchrun_exits_cleanly(ddp_setup, ddp_runs):
+    """Every torchrun above must exit 0. Known intermittent failure: a rank returns from main(), then
+    dies with SIGABRT ("terminate called without an active exception") in interpreter shutdown: a gloo
+    worker thread drops the last reference to a finished all_gather_object / all_reduce work, whose
+    tensors have Python objects, only after finalization began (it cannot take the GIL any more);
+    torchrun then kills the other ranks and exits 1 although training finished. Measured on 2 CPU
+    cores: 9 of 60 resumed launches without a barrier before destroy_process_group(), about 5 of 160
+    with it (train.py's current code)."""
+    _, _, exit_aborts = ddp_setup
+    assert not exit_aborts, ("a rank finished main() and saved its result, then died in interpreter shutdown "
+                             "(gloo worker thread; see this test's docstring):\n" + "\n\n".join(exit_aborts))
+
+
+SIGNAL_PROBE = """
+import signal, sys
+sys.path.insert(0, {repo!r})
+import train
+before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+train.main(sys.argv[1:])
+after = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+print("HANDLERS", before == after, after)
+"""
+
+
+@pytest.mark.xfail(reason="known bug: train.main() installs SIGTERM/SIGINT handlers and never restores them, so "
+                          "after it returns (wrapper scripts, notebooks, torchrun workers saving results) a "
+                          "SIGTERM is swallowed; drop this marker once main() restores them", strict=True)
+def test_main_restores_signal_handlers(tmp_path, tiny_text8):
+    probe = tmp_path / "probe.py"
+    probe.write_text(SIGNAL_PROBE.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, str(probe), "d3pm_tiny", "--max_iters=2", f"--data_root_dir={tiny_text8}",
+                           f"--out_dir={tmp_path / 'o'}"], cwd=REPO, env=sub_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert "HANDLERS True" in proc.stdout, proc.stdout
+
+
+# ---- 4. command-line errors ---------------------------------------------------------------------
+def assert_one_line_error(proc):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_unknown_config(tmp_path):
+    line = assert_one_line_error(run_train("d3pm_nonexistent", f"--out_dir={tmp_path / 'o'}", check=False))
+    assert "d3pm_nonexistent" in line
+    for name in ("d3pm_text8_cpu", "d3pm_tiny", "d3pm_text8"):
+        assert name in line
+
+
+def test_unknown_override_key(tmp_path):
+    line = assert_one_line_error(run_train("d3pm_tiny", "--bogus_key=1", f"--out_dir={tmp_path / 'o'}", check=False))
+    assert "bogus_key" in line
+    for key in ("batch_size", "learning_rate", "max_iters", "data_root_dir", "out_dir", "resume"):
+        assert key in line
+
+
+@pytest.mark.parametrize("arg,key", [("--batch_size=abc", "batch_size"), ("--learning_rate=fast", "learning_rate"),
+                                     ("--max_iters=2.5", "max_iters"), ("--decay_lr=maybe", "decay_lr")])
+def test_wrong_override_type(tmp_path, arg, key):
+    line = assert_one_line_error(run_train("d3pm_tiny", arg, f"--out_dir={tmp_path / 'o'}", check=False))
+    assert key in line
+
+
+def test_missing_dataset_says_how_to_prepare(tmp_path):
+    empty_root = tmp_path / "empty_root"
+    empty_root.mkdir()
+    line = assert_one_line_error(run_train("d3pm_tiny", "--dataset=openwebtext", f"--data_root_dir={empty_root}",
+                                           f"--out_dir={tmp_path / 'o'}", check=False))
+    assert "openwebtext" in line and "python data/prepare_openwebtext.py" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.xfail(reason="known bug: non-positive values are not rejected; --log_interval=0 (likewise "
+                          "--eval_interval=0, --ckpt_interval=0) dies with a ZeroDivisionError traceback, "
+                          "--eval_iters=0 exits 0 with a NaN val loss (logged as null) and never writes ckpt.pt; "
+                          "drop this marker once train.py validates them", strict=True)
+@pytest.mark.parametrize("arg", ["--log_interval=0", "--eval_iters=0"])
+def test_nonpositive_values_are_user_errors(tmp_path, tiny_text8, arg):
+    assert_one_line_error(run_train("d3pm_tiny", arg, "--max_iters=2", f"--data_root_dir={tiny_text8}",
+                                    f"--out_dir={tmp_path / 'o'}", check=False))
+
+
+def test_resume_empty_directory(tmp_path, tiny_text8):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    line = assert_one_line_error(run_train("d3pm_tiny", f"--data_root_dir={tiny_text8}", f"--resume={empty}",
+                                           check=False))
+    assert str(empty) in line
+    assert os.listdir(empty) == []
+
+
+def test_resume_corrupt_checkpoint(tmp_path, tiny_text8):
+    bad = tmp_path / "bad_run"
+    bad.mkdir()
+    (bad / "last.pt").write_bytes(b"this is not a torch checkpoint")
+    line = assert_one_line_error(run_train("d3pm_tiny", f"--data_root_dir={tiny_text8}", f"--resume={bad}",
+                                           check=False))
+    assert str(bad) in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(tmp_path, tiny_text8):
+    line = assert_one_line_error(run_train("d3pm_tiny", "--device=cuda", f"--data_root_dir={tiny_text8}",
+                                           f"--out_dir={tmp_path / 'o'}", check=False))
+    assert "cuda" in line.lower()
+
+
+def test_help_lists_configs():
+    proc = run_train("--help")
+    assert proc.returncode == 0
+    for name in train.CONFIG_NAMES:
+        assert name in proc.stdout
+    assert "d3pm_text8_cpu" in proc.stdout and "--learning_rate" in proc.stdout
+
+
+# ---- 5. learning-rate schedule and optimizer groups ---------------------------------------------
+@pytest.fixture
+def schedule(monkeypatch):
+    cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_decay_iters=0, decay_lr=True)
+    for k, v in cfg.items():
+        monkeypatch.setattr(train, k, v)
+    return cfg
+
+
+def test_lr_warmup_and_cosine(schedule):
+    lr, min_lr, warm, n = (schedule[k] for k in ("learning_rate", "min_lr", "warmup_iters", "max_iters"))
+    lrs = [train.get_lr(it) for it in range(2 * n)]
+    # warmup: positive, strictly increasing, ends (almost) at learning_rate
+    assert lrs[0] > 0
+    assert all(x < y for x, y in zip(lrs[:warm], lrs[1:warm + 1]))
+    assert lrs[warm - 1] == pytest.approx(lr, rel=1.0 / warm)
+    assert lrs[warm] == pytest.approx(lr, rel=1e-12)
+    # cosine decay: non-increasing, the midpoint halfway, min_lr at max_iters and after, never below
+    assert all(x >= y for x, y in zip(lrs[warm:], lrs[warm + 1:]))
+    assert train.get_lr((warm + n) // 2) == pytest.approx((lr + min_lr) / 2)
+    assert lrs[n] == pytest.approx(min_lr, rel=1e-12)
+    assert all(x == min_lr for x in lrs[n:])
+    assert all(x >= min_lr * (1 - 1e-12) for x in lrs[warm:])
+    # an independent form of the cosine at a few points
+    for it in (warm, 20, 37, 64, 99):
+        ratio = (it - warm) / (n - warm)
+        assert lrs[it] == pytest.approx(min_lr + (lr - min_lr) * (math.cos(math.pi * ratio) + 1) / 2, rel=1e-12)
+
+
+def test_lr_decay_iters_and_constant(schedule, monkeypatch):
+    monkeypatch.setattr(train, "lr_decay_iters", 50)
+    assert train.get_lr(50) == pytest.approx(schedule["min_lr"])
+    assert train.get_lr(75) == schedule["min_lr"]
+    assert train.get_lr(30) == pytest.approx((schedule["learning_rate"] + schedule["min_lr"]) / 2)
+    monkeypatch.setattr(train, "decay_lr", False)
+    assert all(train.get_lr(it) == schedule["learning_rate"] for it in (0, 5, 10, 50, 1000))
+
+
+def test_make_optimizer_decays_only_matrices(monkeypatch):
+    monkeypatch.setattr(train, "weight_decay", 0.1)
+    monkeypatch.setattr(train, "learning_rate", 3e-4)
+    torch.manual_seed(0)
+    model = d3pm.D3PMAbsorbing(**TINY_MODEL_ARGS)
+    opt = train.make_optimizer(model, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
+    plain = [g for g in opt.param_groups if g["weight_decay"] == 0]
+    assert len(decayed) == 1 and len(plain) == 1 and decayed[0]["weight_decay"] == 0.1
+    ids = lambda ps: sorted(id(p) for p in ps)  # noqa: E731
+    assert ids(decayed[0]["params"]) == ids(p for p in model.parameters() if p.dim() >= 2)
+    assert ids(plain[0]["params"]) == ids(p for p in model.parameters() if p.dim() < 2)
+    assert len(decayed[0]["params"]) > 0 and len(plain[0]["params"]) > 0
+    names_2d = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert "net.vocab_embed.weight" in names_2d and "net.blocks.0.norm1.weight" not in names_2d
+    assert opt.param_groups[0]["betas"] == (train.beta1, train.beta2) and opt.param_groups[0]["lr"] == 3e-4
+
+
+# ---- 6. EMA -------------------------------------------------------------------------------------
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.ones(2))  # a float buffer: averaged like the weights
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # not float: copied
+
+    def perturb(self, gen):
+        with torch.no_grad():
+            for p in self.lin.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+            self.scale.add_(torch.randn(2, generator=gen))
+            self.count.add_(1)
+
+
+def test_ema_copies_then_follows_recursion():
+    gen = torch.Generator().manual_seed(0)
+    model = Tiny()
+    u, beta = 3, 0.6  # beta small enough that the clamp min(beta, .) is reached within the test
+    ema = train.EMA(model, beta=beta, update_after_step=u)
+    expected = {}
+    for s in range(12):  # s: EMA updates done so far (the `step` counter before this update)
+        model.perturb(gen)
+        ema.update()
+        cur = {k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+        if s <= u:
+            expected = {k: v.clone() for k, v in cur.items()}
+        else:
+            n = s - u - 1
+            decay = min(beta, 1 - 1 / (1 + n))
+            expected = {k: decay * expected[k] + (1 - decay) * cur[k] for k in cur}
+        state = ema.state_dict()
+        assert int(state["step"]) == s + 1
+        assert bool(state["initted"]) == (s > u)
+        for k, v in model.state_dict().items():
+            got = state["ema_model." + k]
+            assert got.dtype == v.dtype
+            if s <= u or not v.is_floating_point():
+                assert torch.equal(got, v), (s, k)  # a plain copy before update_after_step
+            else:
+                torch.testing.assert_close(got.double(), expected[k], rtol=1e-6, atol=1e-6)
+    assert states_differ({k[len("ema_model."):]: v for k, v in ema.state_dict().items() if k.startswith("ema_model.")},
+                         model.state_dict())
+
+
+def test_ema_warmup_is_a_running_mean():
+    """With beta ~ 1 the decay 1 - 1/(1+n) makes the EMA the plain mean of the weights since step u+1."""
+    gen = torch.Generator().manual_seed(1)
+    model, u = Tiny(), 2
+    ema = train.EMA(model, beta=0.9999, update_after_step=u)
+    history = []
+    for s in range(9):
+        model.perturb(gen)
+        ema.update()
+        history.append(model.lin.weight.detach().double().clone())
+    mean = torch.stack(history[u + 1:]).mean(0)
+    torch.testing.assert_close(ema.state_dict()["ema_model.lin.weight"].double(), mean, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_state_dict_roundtrip():
+    gen = torch.Generator().manual_seed(2)
+    model = Tiny()
+    ema = train.EMA(model, beta=0.9, update_after_step=1)
+    for _ in range(5):
+        model.perturb(gen)
+        ema.update()
+    state = ema.state_dict()
+    other = train.EMA(model, beta=0.9, update_after_step=1)
+    other.load_state_dict(state)
+    assert_states_equal(other.state_dict(), state, "EMA state after load_state_dict")
+    model.perturb(gen)
+    ema.update()
+    other.update()
+    assert_states_equal(other.state_dict(), ema.state_dict(), "EMA after one more update")
+    avg = ema.averaged_model(Tiny())
+    assert_states_equal(avg.state_dict(), {k[len("ema_model."):]: v for k, v in ema.state_dict().items()
+                                           if k.startswith("ema_model.")}, "averaged_model")
