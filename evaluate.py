@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sample import default_dataset, open_model, pick_device
-from train import UserError, open_split
+from train import UserError, ddp_shutdown, open_split
 
 
 def batch_estimate(model, x0, offset, generator=None):
@@ -143,7 +143,7 @@ def main(argv=None):
             print(f"{args.split}: {bpt:.4f} \u00b1 {se:.4f} bits/token (95% interval {result['ci95'][0]:.4f}.."
                   f"{result['ci95'][1]:.4f}), {len(estimates)} batches of {args.batch_size} x {seq_len} tokens")
     if ddp:
-        torch.distributed.destroy_process_group()
+        ddp_shutdown()
     return result
 
 

@@ -309,15 +309,39 @@ def set_rng_state(state, data_gen, dev):
         torch.cuda.set_rng_state(state["cuda"], dev)
 
 
+def ddp_shutdown():
+    """Wait for every rank (rank 0 may still be writing), then tear the process group down. The short
+    pause lets gloo's worker threads release the last collective before the interpreter exits:
+    without it a rank can abort ("terminate called without an active exception") at shutdown."""
+    torch.distributed.barrier()
+    time.sleep(0.2)
+    torch.distributed.destroy_process_group()
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv):
-    global out_dir, resume
+    global out_dir
     config_name, overrides = parse_args(argv)
     model_cls, model_args, changed = load_config(config_name, overrides)
     if not out_dir:
         out_dir = resume or os.path.join("out", config_name or "d3pm_text8")
+    start = None  # (path, checkpoint dict) to continue from
+    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        start = newest_checkpoint(out_dir)  # torchrun restarted the workers after a failure: continue
+    elif resume:
+        start = newest_checkpoint(resume)
+        if start is None:
+            raise UserError(f"--resume={resume}: no readable last.pt or ckpt.pt there")
+    if start is not None:  # the run's own settings apply again, unless given on the command line
+        for key, value in start[1].get("training_args", {}).items():
+            if key in CONFIG_KEYS and key not in overrides and key not in ("resume", "out_dir"):
+                globals()[key] = changed[key] = value
     if eval_key not in ("l_T", "loss"):
         raise UserError(f"--eval_key={eval_key}: expected l_T or loss")
+    for key in ("log_interval", "eval_interval", "eval_iters", "ckpt_interval", "batch_size", "seq_len",
+                "gradient_accumulation_steps", "max_bad_steps"):
+        if globals()[key] < 1:
+            raise UserError(f"--{key}={globals()[key]}: must be at least 1")
 
     # devices and processes
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -350,16 +374,11 @@ def main(argv):
             raise UserError(f"the {name} split of {data_dir} has {len(split)} tokens, fewer than seq_len={seq_len}")
 
     # model, EMA, optimizer, possibly from a checkpoint
-    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and newest_checkpoint(out_dir):
-        resume = out_dir  # torchrun restarted the workers after a failure: continue where we were
-    start = newest_checkpoint(resume) if resume else None
-    if resume and start is None:
-        raise UserError(f"--resume={resume}: no readable last.pt or ckpt.pt there")
     data_vocab = dataset_vocab_size(data_dir)
     if start is not None:
         model_args = start[1]["model_args"]
         if data_vocab != model_args["vocab_size"]:
-            raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the checkpoint in {resume} has "
+            raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the checkpoint {start[0]} has "
                             f"{model_args['vocab_size']}: resume on the dataset it was trained on")
     elif data_vocab != model_args["vocab_size"]:
         say(f"note: the model's vocab_size is the dataset's, {data_vocab} (config had {model_args['vocab_size']})")
@@ -460,80 +479,84 @@ def main(argv):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f"rank {rank}: got signal {signum}; stopping after this step", file=sys.stderr, flush=True)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous_handlers:
         signal.signal(sig, on_signal)
         signal.siginterrupt(sig, False)  # restart interrupted system calls (gloo/NCCL sockets) instead of failing
     nan_iters = {"all"} if inject_nan == "all" else {int(i) for i in inject_nan.split(",") if i.strip()}
 
-    # training loop: iter_num counts completed optimizer steps
-    model.train()
-    bad_in_a_row, bad_total = 0, 0
-    t_last, tokens_since = time.time(), 0
-    while iter_num < max_iters:
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro_step in range(gradient_accumulation_steps):
-            last_micro = micro_step == gradient_accumulation_steps - 1
-            sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
-            with sync:
-                x = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
-                loss, metrics = train_model(x)[1:]  # drop the logits now: backward does not need them
-                if "all" in nan_iters or iter_num + 1 in nan_iters:
-                    loss = loss * float("nan")
-                (loss / gradient_accumulation_steps).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        iter_num += 1
-        tokens_since += tokens_per_iter
-        # gradients are all-reduced, so every rank takes the same decision here
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            ema.update()
-            bad_in_a_row = 0
-        else:
-            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-            say(f"iter {iter_num}: non-finite loss or gradient, update skipped ({bad_total} so far)")
-            log({"iter": iter_num, "split": "train", "skipped": True, "bad_steps": bad_total})
-            if bad_in_a_row >= max_bad_steps:
-                checkpoint("last.pt")  # the weights are still the last good ones: updates were skipped
-                raise UserError(f"{bad_in_a_row} consecutive non-finite steps at iteration {iter_num}; stopping "
-                                f"(last.pt holds the last good state; lower learning_rate or check the data)")
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        # training loop: iter_num counts completed optimizer steps
+        model.train()
+        bad_in_a_row, bad_total = 0, 0
+        t_last, tokens_since = time.time(), 0
+        while iter_num < max_iters:
+            lr = get_lr(iter_num)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro_step in range(gradient_accumulation_steps):
+                last_micro = micro_step == gradient_accumulation_steps - 1
+                sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
+                with sync:
+                    x = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
+                    loss, metrics = train_model(x)[1:]  # drop the logits now: backward does not need them
+                    if "all" in nan_iters or iter_num + 1 in nan_iters:
+                        loss = loss * float("nan")
+                    (loss / gradient_accumulation_steps).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+            iter_num += 1
+            tokens_since += tokens_per_iter
+            # gradients are all-reduced, so every rank takes the same decision here
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                ema.update()
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                say(f"iter {iter_num}: non-finite loss or gradient, update skipped ({bad_total} so far)")
+                log({"iter": iter_num, "split": "train", "skipped": True, "bad_steps": bad_total})
+                if bad_in_a_row >= max_bad_steps:
+                    checkpoint("last.pt")  # the weights are still the last good ones: updates were skipped
+                    raise UserError(f"{bad_in_a_row} consecutive non-finite steps at iteration {iter_num}; stopping "
+                                    f"(last.pt holds the last good state; lower learning_rate or check the data)")
+            optimizer.zero_grad(set_to_none=True)
 
-        if iter_num % log_interval == 0 or iter_num == max_iters:
-            dt = time.time() - t_last
-            record = {"iter": iter_num, "split": "train", "loss": loss.item(), "lr": lr,
-                      "grad_norm": grad_norm.item(), **{k: v.item() for k, v in metrics.items()},
-                      "tokens_per_s": tokens_since / dt, "ms_per_iter": 1000 * dt * tokens_per_iter / tokens_since}
-            say(f"iter {iter_num}: loss {record['loss']:.4f}, bpt {record['bpt']:.3f}, lr {lr:.2e}, "
-                f"{record['ms_per_iter']:.0f} ms/iter, {record['tokens_per_s']:,.0f} tok/s")
-            log(record)
-            t_last, tokens_since = time.time(), 0
+            if iter_num % log_interval == 0 or iter_num == max_iters:
+                dt = time.time() - t_last
+                record = {"iter": iter_num, "split": "train", "loss": loss.item(), "lr": lr,
+                          "grad_norm": grad_norm.item(), **{k: v.item() for k, v in metrics.items()},
+                          "tokens_per_s": tokens_since / dt, "ms_per_iter": 1000 * dt * tokens_per_iter / tokens_since}
+                say(f"iter {iter_num}: loss {record['loss']:.4f}, bpt {record['bpt']:.3f}, lr {lr:.2e}, "
+                    f"{record['ms_per_iter']:.0f} ms/iter, {record['tokens_per_s']:,.0f} tok/s")
+                log(record)
+                t_last, tokens_since = time.time(), 0
 
-        t_pause = time.time()  # evaluation and checkpoint time does not count towards tokens/s
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
-            val = evaluate()
-            improved = val[eval_key] < best_val
-            best_val = min(best_val, val[eval_key])
-            say(f"val @ {iter_num}: loss {val['loss']:.4f}, l_T {val['l_T']:.4f}, bpt {val['bpt']:.4f}"
-                + (" (best)" if improved else ""))
-            log({"iter": iter_num, "split": "val", **val})
-            if improved or always_save_checkpoint:
-                checkpoint("ckpt.pt")
-        stop = torch.tensor([len(stop_signal)], device=dev)
-        if ddp:  # every rank stops at the same step if any rank was signalled
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-        if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop.item():
-            checkpoint("last.pt")
-        if stop.item():
-            say(f"stopped by signal at iteration {iter_num}; resume with --resume={out_dir}")
-            break
-        t_last += time.time() - t_pause
+            t_pause = time.time()  # evaluation and checkpoint time does not count towards tokens/s
+            if iter_num % eval_interval == 0 or iter_num == max_iters:
+                val = evaluate()
+                improved = val[eval_key] < best_val
+                best_val = min(best_val, val[eval_key])
+                say(f"val @ {iter_num}: loss {val['loss']:.4f}, l_T {val['l_T']:.4f}, bpt {val['bpt']:.4f}"
+                    + (" (best)" if improved else ""))
+                log({"iter": iter_num, "split": "val", **val})
+                if improved or always_save_checkpoint:
+                    checkpoint("ckpt.pt")
+            stop = torch.tensor([len(stop_signal)], device=dev)
+            if ddp:  # every rank stops at the same step if any rank was signalled
+                torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop.item():
+                checkpoint("last.pt")
+            if stop.item():
+                say(f"stopped by signal at iteration {iter_num}; resume with --resume={out_dir}")
+                break
+            t_last += time.time() - t_pause
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     say(f"done: {iter_num} iterations, best val {eval_key} {best_val:.4f}, checkpoints in {out_dir}")
     if ddp:
-        torch.distributed.barrier()  # rank 0 may still be writing a checkpoint
-        torch.distributed.destroy_process_group()
+        ddp_shutdown()
     return model
 
 

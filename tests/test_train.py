@@ -363,9 +363,6 @@ print("HANDLERS", before == after, after)
 """
 
 
-@pytest.mark.xfail(reason="known bug: train.main() installs SIGTERM/SIGINT handlers and never restores them, so "
-                          "after it returns (wrapper scripts, notebooks, torchrun workers saving results) a "
-                          "SIGTERM is swallowed; drop this marker once main() restores them", strict=True)
 def test_main_restores_signal_handlers(tmp_path, tiny_text8):
     probe = tmp_path / "probe.py"
     probe.write_text(SIGNAL_PROBE.format(repo=str(REPO)))
@@ -415,10 +412,6 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(reason="known bug: non-positive values are not rejected; --log_interval=0 (likewise "
-                          "--eval_interval=0, --ckpt_interval=0) dies with a ZeroDivisionError traceback, "
-                          "--eval_iters=0 exits 0 with a NaN val loss (logged as null) and never writes ckpt.pt; "
-                          "drop this marker once train.py validates them", strict=True)
 @pytest.mark.parametrize("arg", ["--log_interval=0", "--eval_iters=0"])
 def test_nonpositive_values_are_user_errors(tmp_path, tiny_text8, arg):
     assert_one_line_error(run_train("d3pm_tiny", arg, "--max_iters=2", f"--data_root_dir={tiny_text8}",
