@@ -41,24 +41,15 @@ def d3pm_openwebtext_32gpu():
 
 
 def d3pm_text8_cpu():
-    """A small model that a 2-core laptop trains in about 15 minutes to samples with real words."""
+    """A small model that a 2-core laptop trains in about 15 minutes (5500 steps of 32 x 128
+    characters, ~25k tokens/s) to samples with real words. Small and many steps beats larger and
+    fewer here: at equal wall time a 1M-parameter model was ahead of a 3M one (README)."""
     model_args = dict(vocab_size=27, n_embed=128, n_heads=2, n_blocks=4, n_cond=64,
                       dropout=0.0, T=1000, lambda_ce=0.05)
     training_args = dict(dataset="text8", batch_size=32, seq_len=128, gradient_accumulation_steps=1,
-                         learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, max_iters=900, beta2=0.99,
-                         weight_decay=0.1, eval_interval=150, eval_iters=10, log_interval=25,
-                         ckpt_interval=150, ema_beta=0.99, compile=False, training_seed=1)
-    return D3PMAbsorbing, model_args, training_args
-
-
-def d3pm_tiny():
-    """A toy model for tests and smoke runs: seconds on a CPU."""
-    model_args = dict(vocab_size=27, n_embed=32, n_heads=2, n_blocks=1, n_cond=16,
-                      dropout=0.1, T=50, lambda_ce=0.05)
-    training_args = dict(dataset="text8", batch_size=8, seq_len=32, gradient_accumulation_steps=1,
-                         learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, max_iters=20,
-                         weight_decay=0.1, eval_interval=10, eval_iters=2, log_interval=5,
-                         compile=False, training_seed=1)
+                         learning_rate=2e-3, min_lr=2e-4, warmup_iters=100, max_iters=5500, beta2=0.99,
+                         weight_decay=0.1, eval_interval=500, eval_iters=20, log_interval=100,
+                         ckpt_interval=500, ema_beta=0.99, compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
 
 
@@ -72,3 +63,15 @@ def d3pm_owt_cpu():
                          weight_decay=0.1, eval_interval=200, eval_iters=10, log_interval=25,
                          ckpt_interval=200, ema_beta=0.99, compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
+
+
+def d3pm_tiny():
+    """A toy model for tests and smoke runs: seconds on a CPU."""
+    model_args = dict(vocab_size=27, n_embed=32, n_heads=2, n_blocks=1, n_cond=16,
+                      dropout=0.1, T=50, lambda_ce=0.05)
+    training_args = dict(dataset="text8", batch_size=8, seq_len=32, gradient_accumulation_steps=1,
+                         learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, max_iters=20,
+                         weight_decay=0.1, eval_interval=10, eval_iters=2, log_interval=5,
+                         compile=False, training_seed=1)
+    return D3PMAbsorbing, model_args, training_args
+
