@@ -506,8 +506,14 @@ def main(argv):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
             iter_num += 1
             tokens_since += tokens_per_iter
-            # gradients are all-reduced, so every rank takes the same decision here
-            if torch.isfinite(grad_norm):
+            # one host sync per step: is the gradient finite, and was any rank asked to stop? (The gradient
+            # is all-reduced already, so every rank takes the same decisions.)
+            status = torch.stack([torch.isfinite(grad_norm).logical_not().float(),
+                                  torch.tensor(float(len(stop_signal)), device=dev)])
+            if ddp:
+                torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+            bad, stop = status.tolist()
+            if not bad:
                 optimizer.step()
                 ema.update()
                 bad_in_a_row = 0
@@ -541,12 +547,9 @@ def main(argv):
                 log({"iter": iter_num, "split": "val", **val})
                 if improved or always_save_checkpoint:
                     checkpoint("ckpt.pt")
-            stop = torch.tensor([len(stop_signal)], device=dev)
-            if ddp:  # every rank stops at the same step if any rank was signalled
-                torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-            if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop.item():
+            if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop:
                 checkpoint("last.pt")
-            if stop.item():
+            if stop:
                 say(f"stopped by signal at iteration {iter_num}; resume with --resume={out_dir}")
                 break
             t_last += time.time() - t_pause
