@@ -19,6 +19,7 @@ with ce = -log p(x_0 | x_{t+1}) at every position. The T-step bound in nats per 
     L_T = sum_{t=1}^{T-1} E[kl_t] + E[ce_0] = (T-1) E_{t~U{1..T-1}}[kl_t] + E[ce_0].
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -163,7 +164,6 @@ EMA_PREFIX = "ema_model."
 
 def read_checkpoint(path, map_location="cpu"):
     """torch.load a checkpoint in the nanoDD layout, or raise ValueError / FileNotFoundError saying why."""
-    import os
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomize_weights
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 from d3pm import D3PMAbsorbing  # noqa: E402
@@ -43,21 +45,7 @@ def make_toy_model(seed=2):
     torch.manual_seed(0)
     model = D3PMAbsorbing(vocab_size=V, n_embed=16, n_heads=2, n_blocks=1, n_cond=8, dropout=0.0,
                           T=T, lambda_ce=0.05)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g, dtype=torch.float64).float()
-            if "norm" in name:
-                p.copy_(1 + 0.3 * r)
-            elif name.startswith("net.c_embed"):
-                p.copy_(0.3 * r)
-            elif "adaLN" in name:
-                p.copy_(0.5 * r / (p.shape[1] ** 0.5 if p.dim() == 2 else 1.0))
-            elif p.dim() == 2:
-                p.copy_(r / p.shape[1] ** 0.5)
-            else:
-                p.copy_(0.3 * r)
-    return model.eval()
+    return randomize_weights(model, seed).eval()
 
 
 # ---- the exact bound -----------------------------------------------------------------------------
