@@ -485,3 +485,23 @@ def test_sum_of_expected_kl_equals_enumerated_negative_elbo():
     assert abs(total_prob - 1.0) < 1e-12
     assert neg_elbo > 0
     assert abs(total_closed - neg_elbo) < 1e-5 * max(1.0, neg_elbo), (total_closed, neg_elbo)
+
+
+def test_cross_entropy_function_matches_torch_and_its_gradient_is_exact():
+    """d3pm.CrossEntropy keeps only the logits for backward; values and gradients must equal
+    F.cross_entropy's (with the mask column at -inf), and torch.autograd.gradcheck must pass."""
+    import torch.nn.functional as F
+    from d3pm import CrossEntropy
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 5, (40,), generator=g)
+    assert torch.autograd.gradcheck(lambda z: CrossEntropy.apply(z, y), (x,))
+    w = torch.randn(40, generator=g)
+    masked = torch.cat([x[:, :5].float(), torch.full((40, 1), float("-inf"))], dim=1)
+    ours = CrossEntropy.apply(masked, y)
+    (grad_ours,) = torch.autograd.grad((ours * w).sum(), x)
+    ref = F.cross_entropy(masked, y, reduction="none")
+    (grad_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad_ours, grad_ref)
+    assert torch.all(grad_ours[:, 5] == 0)
