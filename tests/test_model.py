@@ -414,3 +414,15 @@ def test_load_checkpoint_unknown_model_cls(ckpt_setup, tmp_path):
     p = tmp_path / "unk.pt"
     torch.save(ck, p)
     _assert_value_error(p, "SEDDAbsorbingXYZ")
+
+
+def test_training_forward_compiles_as_one_graph():
+    """torch.compile friendliness (checked on CPU with dynamo's tracer; CUDA compiles the same graph):
+    the whole training forward, block loop and loss included, is one graph with no breaks."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    m = D3PMAbsorbing(27, 32, 2, 2, 16, 0.1, 50, 0.05)
+    explanation = torch._dynamo.explain(m)(torch.randint(27, (4, 16)))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
