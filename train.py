@@ -173,7 +173,7 @@ def ensure_dataset(data_dir, is_master, ddp):
             try:
                 prepare(None, data_dir)
             except PrepareError as e:
-                raise UserError(str(e))
+                raise UserError(f"{e} to: python data/prepare_text8.py --out {data_dir}")
         if ddp:
             torch.distributed.barrier()
     elif not ready:
