@@ -65,6 +65,7 @@ training_seed = 1
 # faults
 max_bad_steps = 20  # stop after this many consecutive steps with a non-finite loss or gradient
 inject_nan = ""  # test-only fault injection: iterations (comma-separated, or "all") whose loss becomes NaN
+inject_crash = 0  # test-only: the last rank dies (os._exit) after this iteration, on the first attempt only
 # ------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -526,6 +527,9 @@ def main(argv):
                     raise UserError(f"{bad_in_a_row} consecutive non-finite steps at iteration {iter_num}; stopping "
                                     f"(last.pt holds the last good state; lower learning_rate or check the data)")
             optimizer.zero_grad(set_to_none=True)
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if iter_num == inject_crash and rank == world_size - 1 and first_attempt:
+                os._exit(13)  # a hard crash of one worker, as a failed node
 
             if iter_num % log_interval == 0 or iter_num == max_iters:
                 dt = time.time() - t_last

@@ -170,3 +170,18 @@ def test_resume_on_a_dataset_with_another_vocabulary_is_refused(tiny_text8, tmp_
     meta = pickle.load(open(other / "text8" / "meta.pkl", "rb"))
     pickle.dump({**meta, "vocab_size": 30}, open(other / "text8" / "meta.pkl", "wb"))
     one_line_error(run(train_cmd(other, out, f"--resume={out}", "--max_iters=4")), "vocab_size")
+
+
+def test_torchrun_restart_after_a_worker_crash_resumes_by_itself(tiny_text8, tmp_path):
+    """torchrun --max-restarts=1: rank 1 dies hard at iteration 8; the restarted group resumes from
+    last.pt (iteration 5) without being told, and ends bit-identical to a run that never crashed."""
+    common = [*FAST, f"--data_root_dir={tiny_text8}", "--max_iters=12", "--ckpt_interval=5", "--lr_decay_iters=12"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    crashed = run([*torchrun, "--max-restarts=1", "train.py", *common, f"--out_dir={tmp_path / 'a'}",
+                   "--inject_crash=8"])
+    assert crashed.returncode == 0, crashed.stderr
+    assert "exitcode: 13" in crashed.stderr and "resuming from" in crashed.stdout
+    clean = run([*torchrun, "train.py", *common, f"--out_dir={tmp_path / 'b'}"])
+    assert clean.returncode == 0, clean.stderr
+    a, b = params(tmp_path / "a" / "last.pt"), params(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
