@@ -1,4 +1,4 @@
-"""
+r"""
 Train an absorbing D3PM. One process (CPU or one GPU):
 
     python train.py d3pm_text8_cpu
@@ -104,7 +104,7 @@ def parse_args(argv):
         if arg in ("-h", "--help"):
             print(__doc__)
             print("configs: " + ", ".join(CONFIG_NAMES))
-            print("options (--key=value, default in brackets):")
+            print("options (--key=value; the defaults are shown):")
             for k in CONFIG_KEYS:
                 print(f"  --{k}={globals()[k]!r}")
             print("  --no-compile   same as --compile=False\n  --debug        show tracebacks")
