@@ -261,7 +261,7 @@ def bench_eval(config, dev):
 
 def main(argv):
     config = parse(argv)
-    from sample import pick_device
+    from train import pick_device
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -24,8 +24,8 @@ import sys
 import numpy as np
 import torch
 
-from sample import default_dataset, open_model, pick_device
-from train import UserError, ddp_shutdown, open_split
+from sample import default_dataset, open_model
+from train import UserError, ddp_shutdown, open_split, pick_device
 
 
 def batch_estimate(model, x0, offset, generator=None):
@@ -108,9 +108,8 @@ def main(argv=None):
 
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = pick_device(args.device)
-    if ddp and dev.type == "cuda":
-        dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

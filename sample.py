@@ -27,21 +27,12 @@ import time
 import torch
 
 from d3pm import load_checkpoint
-from train import UserError
+from train import UserError, pick_device
 
 MASK_GLYPH = "\u2588"
 
 
-# ---- shared with evaluate.py ----------------------------------------------------------------------
-def pick_device(name):
-    """'auto' -> cuda if available else cpu; a clear error when CUDA is asked for but absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
+# ---- checkpoints (shared with evaluate.py) --------------------------------------------------------
 def resolve_checkpoint(spec):
     """A local file, a run directory (its ckpt.pt), or a Hugging Face model repo id (downloads ckpt.pt)."""
     if os.path.isdir(spec):

@@ -140,6 +140,16 @@ def load_config(config_name, overrides):
     return model_cls, model_args, changed
 
 
+def pick_device(name, local_rank=0):
+    """'auto' -> cuda if available else cpu; plain 'cuda' -> this process's GPU under torchrun;
+    a one-line error when CUDA is asked for but absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available; use --device=cpu")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
 # ---- data ---------------------------------------------------------------------------------------
 def open_split(data_dir, split):
     """Memory-map a split: data_dir/split.npy (text8) or data_dir/split.bin (flat uint16, nanoGPT style)."""
@@ -347,16 +357,8 @@ def main(argv):
     # devices and processes
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    want = device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={device} but CUDA is not available; use --device=cpu")
-    if want == "cuda":
-        want = f"cuda:{local_rank}"
-    dev = torch.device(want)
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
