@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sample import default_dataset, open_model
-from train import UserError, ddp_shutdown, open_split, pick_device
+from train import UserError, ddp_init, ddp_shutdown, open_split, pick_device
 
 
 def batch_estimate(model, x0, offset, generator=None):
@@ -112,7 +112,7 @@ def main(argv=None):
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if ddp:
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        ddp_init("nccl" if dev.type == "cuda" else "gloo")
     model = open_model(args.ckpt, args.ema, dev)
     dataset = default_dataset(model.vocab_size)
     data_dir = args.data_dir or os.path.join("data", dataset or "text8")

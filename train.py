@@ -320,6 +320,18 @@ def set_rng_state(state, data_gen, dev):
         torch.cuda.set_rng_state(state["cuda"], dev)
 
 
+def ddp_init(backend):
+    """init_process_group for torchrun. torchrun >= 2.5 lends its own rendezvous store to the workers
+    and keeps it across restarts, so a restarted group would read the previous attempt's addresses
+    (pytorch#135712) and fail or hang; each attempt therefore gets keys of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        torch.distributed.init_process_group(backend=backend)
+        return
+    store, rank, world_size = next(torch.distributed.rendezvous("env://"))
+    store = torch.distributed.PrefixStore(f"nanodd/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+
+
 def ddp_shutdown():
     """Wait for every rank (rank 0 may still be writing), then tear the process group down. The short
     pause lets gloo's worker threads release the last collective before the interpreter exits:
@@ -364,7 +376,7 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if ddp:
-        torch.distributed.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"))
+        ddp_init(backend or ("nccl" if dev.type == "cuda" else "gloo"))
     is_master = rank == 0
     say = print if is_master else (lambda *a, **k: None)
 
