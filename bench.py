@@ -15,10 +15,11 @@ Modes:
   memory  peak memory of one training step with the closed-form loss vs the same step with full
           (B, L, K) posterior tensors, each in a fresh process; step_mem is the peak minus what was
           in use before the step (model, optimizer state not yet allocated, data).
-  sample  sequences/s and network calls of the exact fast sampler vs the plain T-step loop.
-  eval    network calls needed to reach --target_se with evaluate.py's stratified estimator vs the
-          plain estimator (one random t in {0..T-1} per sequence, weight T), from the spread of
-          --eval_batches per-batch estimates of each.
+  sample  tokens/s and network calls of the model's sampler (first-hitting / KV cache) vs the same
+          sampler calling the network at every step (cache=False; identical samples).
+  eval    network calls needed to reach --target_se with evaluate.py's stratified estimator
+          (model.batch_bound) vs the training-time estimate (forward's metrics["bound"], independent
+          random times), from the spread of --eval_batches per-batch estimates of each.
 """
 import json
 import math
@@ -33,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 import configs
-from train import CONFIG_NAMES, UserError
+from common import UserError, open_split, pick_device
+
+CONFIG_NAMES = configs.NAMES
 
 # ---- defaults, overridden by --key=value -------------------------------------------------------------
 mode = "all"  # train, memory, sample, eval, all (all = train, sample, eval)
@@ -132,7 +135,7 @@ def build(config, dev):
     if vocab_size:
         model_args["vocab_size"] = vocab_size
     if ckpt:
-        from d3pm import load_checkpoint
+        from common import load_checkpoint
         model = load_checkpoint(ckpt, map_location=dev)
         model_args = model.checkpoint_meta["model_args"]
     else:
@@ -140,6 +143,8 @@ def build(config, dev):
         model = model_cls(**model_args).to(dev)
     model.net.bf16 = bf16
     if loss == "posterior":
+        if not hasattr(model, "loss_terms"):
+            raise UserError("--loss=posterior compares the D3PM's closed-form KL: use a d3pm_* config")
         model.loss_terms = lambda *a: posterior_loss_terms(model, *a)
     B = batch_size or training_args.get("batch_size", 8)
     L = seq_len or training_args.get("seq_len", 256)
@@ -206,35 +211,36 @@ def bench_memory(config, dev):
 
 
 def bench_sample(config, dev):
+    """The model's sampler as sample.py runs it (first-hitting for the masked models, KV cache for the
+    autoregressive one) vs the same sampler without the shortcut (cache=False: identical samples)."""
     model, _, _, L = build(config, dev)
     model.eval()
     x = torch.full((sample_batch, L), model.mask_id, device=dev)
-    result = {"bench": "sample", "config": config, "device": str(dev), "batch": sample_batch, "seq_len": L,
-              "T": model.T, "compile": False}
-    for name, run in (("fast", lambda g: model.sample(x, generator=g)),
-                      ("plain", lambda g: (model.sample_ancestral(x, generator=g), model.T))):
+    result = {"bench": "sample", "config": config, "model": type(model).__name__, "device": str(dev),
+              "batch": sample_batch, "seq_len": L, "T": model.T, "compile": False}
+    for name, cache in (("fast", True), ("plain", False)):
         gen = torch.Generator(device=dev).manual_seed(seed)
         sync(dev)
         t0 = time.time()
-        _, calls = run(gen)
+        _, calls = model.sample(x, generator=gen, cache=cache)
         sync(dev)
         dt = time.time() - t0
-        result.update({f"{name}_seconds": dt, f"{name}_calls": calls, f"{name}_seq_per_s": sample_batch / dt})
+        result.update({f"{name}_seconds": dt, f"{name}_calls": calls, f"{name}_seq_per_s": sample_batch / dt,
+                       f"{name}_tokens_per_s": sample_batch * L / dt})
     result["speedup"] = result["plain_seconds"] / result["fast_seconds"]
     emit(result)
 
 
 @torch.no_grad()
 def bench_eval(config, dev):
-    from evaluate import batch_estimate
+    """Spread of evaluate.py's per-batch estimate (model.batch_bound, stratified) vs the training-time
+    estimate of the same bound (metrics["bound"] of forward: independent random times per sequence)."""
     model, _, _, L = build(config, dev)
     model.eval()
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    data = None
-    if data_dir:
-        from train import open_split
-        data = open_split(data_dir, "val")
+    torch.manual_seed(seed)
+    data = open_split(data_dir, "val") if data_dir else None
     stratified, plain = [], []
     for _ in range(eval_batches):
         if data is not None:
@@ -242,14 +248,11 @@ def bench_eval(config, dev):
             x0 = torch.from_numpy(np.stack([data[i:i + L] for i in ix]).astype(np.int64)).to(dev)
         else:
             x0 = torch.randint(model.vocab_size, (eval_batch_size, L), device=dev, generator=gen)
-        stratified.append(float(batch_estimate(model, x0, float(torch.rand((), generator=gen, device=dev)), gen)))
-        t = torch.randint(model.T, (eval_batch_size,), device=dev, generator=gen)
-        x_noisy = model.q_sample(x0, t + 1, gen)
-        kl, ce = model.loss_terms(model.logits(x_noisy, t + 1), x0, x_noisy, t)
-        per_seq = torch.where(t >= 1, kl.double().mean(1), ce.double().mean(1))
-        plain.append(float(model.T * per_seq.mean()))
-    out = {"bench": "eval", "config": config, "device": str(dev), "batch": eval_batch_size, "seq_len": L,
-           "batches": eval_batches, "target_se_bits": target_se, "data": data_dir or "random tokens"}
+        stratified.append(float(model.batch_bound(x0, float(torch.rand((), generator=gen, device=dev)), gen)))
+        plain.append(float(model(x0)[2]["bound"]))
+    out = {"bench": "eval", "config": config, "model": type(model).__name__, "device": str(dev),
+           "batch": eval_batch_size, "seq_len": L, "batches": eval_batches, "target_se_bits": target_se,
+           "data": data_dir or "random tokens"}
     for name, ests in (("stratified", stratified), ("plain", plain)):
         bits = np.array(ests) / math.log(2)
         out[f"{name}_bpt"] = float(bits.mean())
@@ -261,7 +264,6 @@ def bench_eval(config, dev):
 
 def main(argv):
     config = parse(argv)
-    from train import pick_device
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

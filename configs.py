@@ -1,9 +1,16 @@
 """
 Named configurations. Each function returns (model_cls, model_args, training_args):
-model_args are the D3PMAbsorbing keyword arguments (stored in checkpoints), training_args
+model_args are the model class's keyword arguments (stored in checkpoints), training_args
 override the globals at the top of train.py. Pick one with `python train.py NAME`.
+
+The masked (mdlm_*) and autoregressive (ar_*) configs use exactly the network, data, batch, learning-rate
+schedule and steps of the D3PM config of the same name, so the three families are compared at equal budget.
 """
+import inspect
+
+from ar import AR
 from d3pm import D3PMAbsorbing
+from mdlm import MDLM
 
 
 def d3pm_text8():
@@ -75,3 +82,63 @@ def d3pm_tiny():
                          compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
 
+
+
+# ---- the other families, at the D3PM configs' sizes and budgets -------------------------------------------
+def _network_args(model_args):
+    """The DiT's arguments of a D3PM config (everything but the D3PM's own T and lambda_ce)."""
+    return {k: v for k, v in model_args.items() if k not in ("T", "lambda_ce")}
+
+
+def _masked(d3pm_config):
+    _, model_args, training_args = d3pm_config()
+    return MDLM, dict(_network_args(model_args), schedule="linear", time_conditioning=False), training_args
+
+
+def _autoregressive(d3pm_config):
+    _, model_args, training_args = d3pm_config()
+    return AR, _network_args(model_args), training_args
+
+
+def mdlm_text8():
+    """Continuous-time masked diffusion (MDLM: linear schedule, no time input) at d3pm_text8's size and budget."""
+    return _masked(d3pm_text8)
+
+
+def mdlm_openwebtext_8gpu():
+    """MDLM at d3pm_openwebtext_8gpu's size and budget."""
+    return _masked(d3pm_openwebtext_8gpu)
+
+
+def mdlm_text8_cpu():
+    """MDLM with exactly d3pm_text8_cpu's network, data, batch, schedule and steps."""
+    return _masked(d3pm_text8_cpu)
+
+
+def mdlm_tiny():
+    """A toy MDLM for tests and smoke runs."""
+    return _masked(d3pm_tiny)
+
+
+def ar_text8():
+    """The autoregressive baseline (causal DiT blocks, start token) at d3pm_text8's size and budget."""
+    return _autoregressive(d3pm_text8)
+
+
+def ar_openwebtext_8gpu():
+    """The autoregressive baseline at d3pm_openwebtext_8gpu's size and budget."""
+    return _autoregressive(d3pm_openwebtext_8gpu)
+
+
+def ar_text8_cpu():
+    """The autoregressive baseline with exactly d3pm_text8_cpu's network, data, batch, schedule and steps."""
+    return _autoregressive(d3pm_text8_cpu)
+
+
+def ar_tiny():
+    """A toy autoregressive model for tests and smoke runs."""
+    return _autoregressive(d3pm_tiny)
+
+
+NAMES = [name for name, f in list(globals().items())
+         if inspect.isfunction(f) and f.__module__ == __name__ and not name.startswith("_")]

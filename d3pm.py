@@ -19,7 +19,6 @@ with ce = -log p(x_0 | x_{t+1}) at every position. The T-step bound in nats per 
     L_T = sum_{t=1}^{T-1} E[kl_t] + E[ce_0] = (T-1) E_{t~U{1..T-1}}[kl_t] + E[ce_0].
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -116,16 +115,27 @@ class D3PMAbsorbing(nn.Module):
         kl_mean = (kl * is_kl).sum() / (n_kl * L).clamp(min=1)
         ce0_mean = (ce * ~is_kl).sum() / (n_ce * L).clamp(min=1)
         l_T = torch.where(n_ce > 0, kl_mean * (self.T - 1) + ce0_mean, kl_mean * self.T)
-        metrics = dict(kl=kl_mean.detach(), ce=ce.mean().detach(), l_T=l_T.detach(),
+        metrics = dict(kl=kl_mean.detach(), ce=ce.mean().detach(), l_T=l_T.detach(), bound=l_T.detach(),
                        bpt=l_T.detach() / math.log(2))
         return logits, loss, metrics
 
-    # ---- sampling ----------------------------------------------------------------------------
-    def draw(self, logits, generator=None):
-        """One sample per row of (N, K) logits, by Gumbel-max in float64 (float32 noise truncates the tail)."""
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-        return (logits.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+    def bound_name(self):
+        return f"{self.T}-step bound"
 
+    def batch_bound(self, x0, offset, generator=None):
+        """One unbiased, stratified estimate of L_T (nats/token, float64 0-dim) from a (B, L) batch, B >= 2;
+        offset U in [0, 1). Row 0 is scored at t = 0 (the reconstruction term, weight 1); rows i = 1..B-1 at
+        t_i = 1 + floor((i - 1 + U)(T - 1)/(B - 1)): every stratum of {1..T-1} once, each t_i uniform in
+        its stratum, so (T - 1) mean_i kl_{t_i} + ce_0 has expectation L_T."""
+        B, T = x0.shape[0], self.T
+        i = torch.arange(B - 1, device=x0.device, dtype=torch.float64)
+        t_kl = 1 + torch.floor((i + offset) / (B - 1) * (T - 1)).long().clamp(max=T - 2)
+        t = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), t_kl])
+        x_noisy = self.q_sample(x0, t + 1, generator)
+        kl, ce = self.loss_terms(self.logits(x_noisy, t + 1), x0, x_noisy, t)
+        return (T - 1) * kl[1:].double().mean() + ce[0].double().mean()
+
+    # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def sample_ancestral(self, x, generator=None):
         """The reference T-step sampler. x: (B, L) ids with mask_id where tokens are to be generated.
@@ -136,87 +146,80 @@ class D3PMAbsorbing(nn.Module):
             logits = self.logits(x, torch.full((x.shape[0],), t, device=x.device))
             u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
             unmask = (x == self.mask_id) & (u < self.unmask_prob(t))
-            x[unmask] = self.draw(logits[unmask], generator)
+            x[unmask] = draw(logits[unmask], generator)
         return x
 
     @torch.no_grad()
-    def sample(self, x, steps=None, generator=None, callback=None):
+    def sample(self, x, steps=None, generator=None, callback=None, cache=True):
         """Exact fast version of sample_ancestral (same output distribution), or a coarse-grid one.
 
         Which positions unmask at which step does not depend on the network: a position masked at T
         unmasks at step tau with P(tau = t) = alpha_bar_{t-1} - alpha_bar_t, independently. So draw
-        every tau first, then call the network only at the distinct taus of each sequence (all rows
-        of the batch advance together, each at its own time). Steps without an event change nothing.
-        With steps=N < T, each tau is moved up to the next point of an N-step grid: that is the
-        exact skip-step posterior between grid points, P(unmask from s to t) = (ab_t - ab_s)/(1 - ab_s).
+        every tau first, then call the network only at the distinct taus of each sequence
+        (unmask_at_event_times). With steps=N < T, each tau is moved up to the next point of an N-step
+        grid: that is the exact skip-step posterior between grid points,
+        P(unmask from s to t) = (ab_t - ab_s)/(1 - ab_s).
 
         x: (B, L) ids, mask_id where to generate (given tokens are never changed).
-        callback(x, t) is called after each network call. Returns (samples, number of network calls).
+        callback(x, t) is called after each network call. cache=False calls the network at every step
+        of the grid instead (same samples: for comparison). Returns (samples, number of network calls).
         """
-        x = x.clone()
         B, L = x.shape
         ab = self.ab64
         p_tau = ab[:-1] - ab[1:]  # P(tau = t) for t = 1..T
         tau = torch.multinomial(p_tau, B * L, replacement=True, generator=generator).view(B, L) + 1
+        grid = torch.arange(self.T + 1, device=x.device)
         if steps is not None and steps < self.T:
             grid = torch.linspace(0, self.T, steps + 1, dtype=torch.float64, device=x.device).round().long().unique()
             tau = grid[torch.searchsorted(grid, tau)]  # the smallest grid point >= tau
-        pending = torch.where(x == self.mask_id, tau.to(x.device), torch.zeros_like(x))  # 0: nothing to do
-        calls = 0
-        while True:
+        u = torch.rand((B, L), dtype=torch.float64, device=x.device, generator=generator)
+        every_step = None if cache else grid[1:].flip(0)
+        return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step)
+
+
+def draw(logits, generator=None, u=None):
+    """One sample per row of (N, K) logits, by inverting the CDF in float64 with one uniform per row (u, (N,),
+    drawn here if not given). Float64 matters: float32 truncates the tail and lowers the effective
+    temperature. side="right" never returns a class of probability 0 (the masked column)."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    if u is None:
+        u = torch.rand(probs.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=None):
+    """Run a masked-diffusion reverse process whose unmask times and draws are fixed in advance.
+
+    tau (B, L) > 0: the time at which each masked position of x unmasks, going down from the top; u (B, L):
+    the uniform that draws its token (draw). First-hitting (grid=None): each row advances to its largest
+    pending time t and calls logits_fn(x_rows, t_rows) once (all rows together, each at its own time),
+    drawing every position that unmasks at t from p(x_0 | x_t). Times where nothing unmasks change nothing
+    and cost nothing. grid (descending times): the plain loop instead, one call at every grid time for
+    every row; since the draws are fixed in advance, it gives the same samples.
+    Given tokens are never changed. Returns (x, network calls)."""
+    x = x.clone()
+    pending = torch.where(x == mask_id, tau, torch.zeros_like(tau))  # 0: nothing to do
+    calls = 0
+    while True:
+        if grid is None:
             t_row = pending.max(dim=1).values  # each row's next event time (the largest pending)
-            rows = (t_row > 0).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                return x, calls
-            xr, pr, tr = x[rows], pending[rows], t_row[rows]
-            logits = self.logits(xr, tr)
-            now = pr == tr[:, None]
-            xr[now] = self.draw(logits[now], generator)
-            x[rows], pending[rows] = xr, torch.where(now, torch.zeros_like(pr), pr)
-            calls += 1
-            if callback is not None:
-                callback(x, tr)
+        elif calls < len(grid):
+            t_row = grid[calls].expand(x.shape[0]).to(pending)
+        else:
+            t_row = torch.zeros_like(pending[:, 0])
+        rows = (t_row > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return x, calls
+        xr, pr, tr = x[rows], pending[rows], t_row[rows]
+        logits = logits_fn(xr, tr)
+        now = pr == tr[:, None]
+        xr[now] = draw(logits[now], u=u[rows][now])
+        x[rows], pending[rows] = xr, torch.where(now, torch.zeros_like(pr), pr)
+        calls += 1
+        if callback is not None:
+            callback(x, tr)
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
-MODEL_CLASSES = {"D3PMAbsorbing": D3PMAbsorbing}
-EMA_PREFIX = "ema_model."
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load a checkpoint in the nanoDD layout, or raise ValueError / FileNotFoundError saying why."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, not a torch file...
-        raise ValueError(f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
-                         f"({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_cls", "model_args"} <= set(ckpt):
-        raise ValueError(f"{path} is not a nanoDD checkpoint (needs keys model, model_cls, model_args)")
-    if ckpt["model_cls"] not in MODEL_CLASSES:
-        raise ValueError(f"{path}: unknown model class {ckpt['model_cls']!r} "
-                         f"(known: {', '.join(MODEL_CLASSES)})")
-    return ckpt
-
-
-def load_checkpoint(path, ema=True, map_location="cpu"):
-    """Build the model stored in a nanoDD checkpoint, with its EMA weights (default) or raw weights.
-
-    Returns the model in eval mode on map_location; the raw dict is on model.checkpoint_meta
-    (without weights) for callers that want model_args / training_args / iter_num.
-    """
-    ckpt = read_checkpoint(path, map_location)
-    model = MODEL_CLASSES[ckpt["model_cls"]](**ckpt["model_args"])
-    state = ckpt["model"]
-    if ema:
-        if "ema" not in ckpt:
-            raise ValueError(f"{path} has no EMA weights; use the raw weights (--no-ema)")
-        state = {k[len(EMA_PREFIX):]: v for k, v in ckpt["ema"].items() if k.startswith(EMA_PREFIX)}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match {ckpt['model_cls']}"
-                         f"({ckpt['model_args']}): {str(e).splitlines()[0]}") from None
-    model.checkpoint_meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer")}
-    return model.to(map_location).eval()
+# checkpoints of every model class load here too (the original's entry point: from d3pm import load_checkpoint)
+from common import load_checkpoint, read_checkpoint  # noqa: E402,F401

@@ -1,19 +1,18 @@
 """
-Estimate the T-step negative-ELBO bound of an absorbing D3PM on a data split, in bits per token:
+Estimate a model's own bound on the negative log-likelihood of a data split, in bits per token:
 
-    L_T(x_0) = sum_{t=1}^{T-1} E[kl_t] + E[ce_0]                      (see d3pm.py)
+    D3PM (d3pm.py)   the T-step bound L_T = sum_{t=1}^{T-1} E[kl_t] + E[ce_0]
+    MDLM (mdlm.py)   the continuous-time NELBO over all of [0, 1] (or, with --T N, its N-step bound)
+    AR (ar.py)       the exact negative log-likelihood (every window pays for all its tokens)
 
     python evaluate.py out/d3pm_text8_cpu/ckpt.pt --split test
+    python evaluate.py out/mdlm_text8_cpu/ckpt.pt --split test --T 64
     torchrun --standalone --nproc_per_node=8 evaluate.py CKPT --data_dir data/openwebtext --seq_len 1024
 
-Estimator (unbiased, stratified). Each batch holds B random windows of the split. Window 0 is the
-reconstruction stratum: it is scored at t = 0 with weight 1. Windows 1..B-1 cover t in {1..T-1} by
-stratified sampling: with one uniform offset U per batch, window i gets the time
-t_i = 1 + floor((i - 1 + U) / (B - 1) * (T - 1)), so every t-stratum of width (T-1)/(B-1) is hit
-exactly once. Each t_i is uniform within its stratum and the strata tile {1..T-1}, and the windows
-are i.i.d., so  (T-1) * mean_i kl_{t_i} + ce_0  has expectation exactly L_T. Batches are i.i.d.
-replicates, so the standard error is the spread of the per-batch estimates / sqrt(batches).
-One network call per batch. Sampling stops when the standard error drops below --target_se.
+Each batch holds B random windows of the split and gives one unbiased estimate of the bound
+(model.batch_bound: one network call, stratified over the batch with one random offset; see each
+model file). Batches are i.i.d. replicates, so the standard error is the spread of the per-batch
+estimates / sqrt(batches). Sampling stops when the standard error drops below --target_se.
 """
 import argparse
 import json
@@ -24,19 +23,7 @@ import sys
 import numpy as np
 import torch
 
-from sample import default_dataset, open_model
-from train import UserError, ddp_init, ddp_shutdown, open_split, pick_device
-
-
-def batch_estimate(model, x0, offset, generator=None):
-    """One unbiased estimate of L_T (nats/token) from a (B, L) batch, B >= 2; offset U in [0, 1)."""
-    B, T = x0.shape[0], model.T
-    i = torch.arange(B - 1, device=x0.device, dtype=torch.float64)
-    t_kl = 1 + torch.floor((i + offset) / (B - 1) * (T - 1)).long().clamp(max=T - 2)
-    t = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), t_kl])
-    x_noisy = model.q_sample(x0, t + 1, generator)
-    kl, ce = model.loss_terms(model.logits(x_noisy, t + 1), x0, x_noisy, t)
-    return (T - 1) * kl[1:].double().mean() + ce[0].double().mean()
+from common import UserError, ddp_init, ddp_shutdown, default_dataset, open_model, open_split, pick_device
 
 
 def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
@@ -60,7 +47,7 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
     while not max_batches or len(estimates) < max_batches:
         x0 = random_windows(data, batch_size, seq_len, model.vocab_size, rng, dev)
         offset = float(torch.rand((), generator=gen, device=dev))
-        mine = batch_estimate(model, x0, offset, gen).reshape(1) / math.log(2)
+        mine = model.batch_bound(x0, offset, gen).reshape(1) / math.log(2)
         if world_size > 1:
             everyone = [torch.zeros_like(mine) for _ in range(world_size)]
             torch.distributed.all_gather(everyone, mine)
@@ -94,7 +81,9 @@ def main(argv=None):
     p.add_argument("--split", default="test", help="val or test (any SPLIT.npy / SPLIT.bin in --data_dir)")
     p.add_argument("--data_dir", default="", help="dataset directory (default data/text8 or data/openwebtext)")
     p.add_argument("--batch_size", type=int, default=64, help="windows per batch (one network call)")
-    p.add_argument("--seq_len", type=int, default=0, help="tokens per window (default 256 text8, 1024 BPE)")
+    p.add_argument("--seq_len", type=int, default=0, help="tokens per window (default: the checkpoint's training length)")
+    p.add_argument("--T", type=int, default=0, help="continuous-time models: score the T-step bound instead of the "
+                   "continuous NELBO")
     p.add_argument("--target_se", type=float, default=0.002, help="stop when the standard error (bits) is below")
     p.add_argument("--max_batches", type=int, default=0,
                    help="stop after this many batches (0: no limit; under torchrun a multiple of the world size)")
@@ -114,10 +103,15 @@ def main(argv=None):
     if ddp:
         ddp_init("nccl" if dev.type == "cuda" else "gloo")
     model = open_model(args.ckpt, args.ema, dev)
-    dataset = default_dataset(model.vocab_size)
+    if args.T:
+        if not getattr(model, "continuous", False):
+            raise UserError(f"--T applies to continuous-time models; {type(model).__name__} has a fixed bound")
+        model.T = args.T
+    trained = model.checkpoint_meta.get("training_args", {})
+    dataset = trained.get("dataset") or default_dataset(model.vocab_size)
     data_dir = args.data_dir or os.path.join("data", dataset or "text8")
     data = open_split(data_dir, args.split)
-    seq_len = args.seq_len or (256 if dataset == "text8" else 1024)
+    seq_len = args.seq_len or trained.get("seq_len") or (256 if dataset == "text8" else 1024)
     if len(data) < seq_len:
         raise UserError(f"the {args.split} split in {data_dir} has {len(data)} tokens, fewer than seq_len={seq_len}")
 
@@ -133,13 +127,13 @@ def main(argv=None):
     bpt, se = summarize(estimates)
     result = {"bpt": bpt, "se": se, "ci95": [bpt - 1.96 * se, bpt + 1.96 * se], "network_calls": len(estimates),
               "tokens": len(estimates) * args.batch_size * seq_len, "batches": len(estimates),
-              "split": args.split, "T": model.T}
+              "split": args.split, "model": type(model).__name__, "bound": model.bound_name(), "T": model.T}
     if rank == 0:
         if args.json:  # strict JSON: an undefined standard error (one batch) is null
             finite = math.isfinite(se)
             print(json.dumps({**result, "se": se if finite else None, "ci95": result["ci95"] if finite else None}))
         else:
-            print(f"{args.split}: {bpt:.4f} \u00b1 {se:.4f} bits/token (95% interval {result['ci95'][0]:.4f}.."
+            print(f"{args.split} {result['bound']}: {bpt:.4f} \u00b1 {se:.4f} bits/token (95% interval {result['ci95'][0]:.4f}.."
                   f"{result['ci95'][1]:.4f}), {len(estimates)} batches of {args.batch_size} x {seq_len} tokens")
     if ddp:
         ddp_shutdown()

@@ -10,6 +10,9 @@ The Diffusion Transformer (DiT) that predicts clean tokens from a partly masked 
         h = h + gate_mlp * MLP(modulate(LN(h), shift_mlp, scale_mlp))
     logits = modulate(LN(h), shift, scale) @ vocab_embed.T   (B, L, K), tied weights
 
+Options for the other model families: causal=True (ar.py), an explicit attention mask and rotary
+positions (block diffusion), and a KVCache of earlier positions' keys/values for left-to-right sampling.
+
 Module and parameter names give exactly the state-dict keys of the published nanoDD
 checkpoints (see ../shared/reference/nanodd-compat.md, sections 2-3).
 """
@@ -63,10 +66,9 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq)  # persistent: it is in the checkpoints
 
-    def forward(self, seq_len, device):
-        """cos, sin of pos * inv_freq, duplicated over the two halves: each (1, L, 1, d)."""
-        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq.float())
+    def forward(self, positions):
+        """cos, sin of pos * inv_freq for positions (L,), duplicated over the two halves: each (1, L, 1, d)."""
+        angles = torch.outer(positions.float(), self.inv_freq.float())
         emb = torch.cat([angles, angles], dim=-1)
         return emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
 
@@ -78,10 +80,34 @@ def apply_rotary(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values (B, H, n, d) of earlier positions, one pair per block, for sampling left to right."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def __len__(self):
+        return next(iter(self.k.values())).shape[2] if self.k else 0
+
+    def extend(self, i, k, v, store):
+        """Block i: the cached keys/values followed by the new ones; store=True keeps the new ones."""
+        if i in self.k:
+            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
+        if store:
+            self.k[i], self.v[i] = k, v
+        return k, v
+
+    def crop(self, n):
+        """Keep only the newest n positions (a sliding window)."""
+        for i in self.k:
+            self.k[i], self.v[i] = self.k[i][:, :, -n:], self.v[i][:, :, -n:]
+
+
 class DiTBlock(nn.Module):
-    def __init__(self, n_embed, n_heads, n_cond, dropout):
+    def __init__(self, n_embed, n_heads, n_cond, dropout, causal=False):
         super().__init__()
         self.n_heads = n_heads
+        self.causal = causal
         self.norm1 = LayerNorm(n_embed)
         self.attn_qkv = nn.Linear(n_embed, 3 * n_embed, bias=False)
         self.attn_out = nn.Linear(n_embed, n_embed, bias=False)
@@ -94,7 +120,7 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, cond, cos, sin):
+    def forward(self, x, cond, cos, sin, mask=None, cache=None, store=True, index=0):
         B, L, n = x.shape
         mod = self.adaLN_modulation(cond)[:, None, :]  # (B, 1, 6n)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
@@ -102,7 +128,13 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, n // self.n_heads).unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.extend(index, k, v, store)
+        if self.causal and mask is None and k.shape[2] != L:  # new queries after cached keys
+            mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(k.shape[2] - L, k.shape[2],
+                                                                             device=x.device)[:, None]
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
         h = h.transpose(1, 2).reshape(B, L, n)
         x = x + gate_msa * self.dropout(self.attn_out(h))
 
@@ -114,7 +146,7 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Maps (x_t, t) to K = vocab_size + 1 logits per position (the last id is the mask)."""
 
-    def __init__(self, n_classes, n_embed, n_heads, n_blocks, n_cond, dropout):
+    def __init__(self, n_classes, n_embed, n_heads, n_blocks, n_cond, dropout, causal=False):
         super().__init__()
         assert n_embed % n_heads == 0, "n_embed must be divisible by n_heads"
         self.vocab_embed = nn.Embedding(n_classes, n_embed)
@@ -122,21 +154,27 @@ class DiT(nn.Module):
                               a=-3 * n_embed ** -0.5, b=3 * n_embed ** -0.5)
         self.c_embed = TimestepEmbedder(n_cond)
         self.rotary_emb = Rotary(n_embed // n_heads)
-        self.blocks = nn.ModuleList(DiTBlock(n_embed, n_heads, n_cond, dropout) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(DiTBlock(n_embed, n_heads, n_cond, dropout, causal) for _ in range(n_blocks))
         self.norm_final = LayerNorm(n_embed)
         self.adaLN_modulation = nn.Linear(n_cond, 2 * n_embed)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
         self.bf16 = True  # bfloat16 autocast on CUDA (set False for float32/TF32)
 
-    def forward(self, x, t):
-        """x: (B, L) long, t: (B,) time (float step index). Returns float32 logits (B, L, K)."""
+    def forward(self, x, t, mask=None, positions=None, cache=None, store=True):
+        """x: (B, L) long, t: (B,) time (float). Returns float32 logits (B, L, K).
+        mask: (L, L_keys) bool attention mask, True = may attend (default: full, or causal); positions: (L,)
+        rotary positions (default 0..L-1 after the cached ones); cache: a KVCache to attend to and, with
+        store=True, to extend with this call's keys/values."""
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.bf16 and x.device.type == "cuda"):
             h = self.vocab_embed(x)
             cond = self.c_embed(t)
-            cos, sin = self.rotary_emb(x.shape[1], x.device)
-            for block in self.blocks:
-                h = block(h, cond, cos, sin)
+            if positions is None:
+                start = len(cache) if cache is not None else 0
+                positions = torch.arange(start, start + x.shape[1], device=x.device)
+            cos, sin = self.rotary_emb(positions)
+            for i, block in enumerate(self.blocks):
+                h = block(h, cond, cos, sin, mask, cache, store, i)
             shift, scale = self.adaLN_modulation(cond)[:, None, :].chunk(2, dim=-1)
             h = modulate(self.norm_final(h), shift, scale)
             logits = h @ self.vocab_embed.weight.t()

@@ -1,14 +1,17 @@
 """
-Sample from a trained absorbing D3PM: start from all-mask sequences and unmask them.
+Sample from a trained model: the diffusion models start from all-mask sequences and unmask them,
+the autoregressive model writes left to right (prompts only, no infill).
 
     python sample.py out/d3pm_text8_cpu/ckpt.pt
     python sample.py rupspace/nanoDD-D3PM-text8 --batch_size 4 --seed 1
     python sample.py CKPT --prompt "the meaning of life is"
     python sample.py CKPT --infill "the ??????? of life is ????? and"
 
-By default the exact sampler runs: the same output distribution as the T-step ancestral sampler,
-but the network is called only at the steps where some position unmasks (about 226 of 1000 for
-256 tokens). --steps N trades quality for speed on a coarser grid.
+By default each model's exact sampler runs. For the D3PM: the same output distribution as the T-step
+ancestral sampler, but the network is called only at the steps where some position unmasks (about
+226 of 1000 for 256 tokens). For the continuous-time masked model: the continuous process itself
+(positions unmask one at a time, in a random order). --steps N samples on an N-step grid instead,
+calling the network only at the steps where something unmasks.
 
 Infilling: in the template each placeholder stands for one generated token and every other
 character/token is kept as given. The placeholder is the mask glyph \u2588; for text8, `?` works too.
@@ -20,48 +23,14 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import sys
 import time
 
 import torch
 
-from d3pm import load_checkpoint
-from train import UserError, pick_device
+from common import UserError, default_dataset, open_model, pick_device
 
 MASK_GLYPH = "\u2588"
-
-
-# ---- checkpoints (shared with evaluate.py) --------------------------------------------------------
-def resolve_checkpoint(spec):
-    """A local file, a run directory (its ckpt.pt), or a Hugging Face model repo id (downloads ckpt.pt)."""
-    if os.path.isdir(spec):
-        spec = os.path.join(spec, "ckpt.pt")
-    if os.path.exists(spec) or spec.count("/") != 1 or spec.endswith(".pt"):
-        return spec
-    from huggingface_hub import hf_hub_download
-    online = not os.environ.get("HF_HUB_OFFLINE")
-    if online:
-        try:  # fail fast offline instead of retrying for half a minute; a cached copy still works
-            socket.create_connection(("huggingface.co", 443), timeout=5).close()
-        except OSError:
-            online = False
-    try:
-        return hf_hub_download(repo_id=spec, filename="ckpt.pt", local_files_only=not online)
-    except Exception as e:
-        raise UserError(f"{spec} is not a local file and could not be downloaded from the Hugging Face hub "
-                        f"({type(e).__name__}); download ckpt.pt yourself and pass its path")
-
-
-def open_model(spec, ema, dev):
-    try:
-        return load_checkpoint(resolve_checkpoint(spec), ema=ema, map_location=dev)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e))
-
-
-def default_dataset(vocab_size):
-    return {27: "text8", 50257: "openwebtext"}.get(vocab_size, "")
 
 
 # ---- text <-> ids -----------------------------------------------------------------------------------
@@ -187,9 +156,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint file, run directory, or Hugging Face repo id")
     p.add_argument("--batch_size", type=int, default=1, help="sequences to sample")
-    p.add_argument("--dataset", default="", help="text8 or openwebtext (default: from the vocabulary)")
+    p.add_argument("--dataset", default="", help="text8 or openwebtext (default: the checkpoint's)")
     p.add_argument("--data_dir", default=None, help="dataset directory whose meta.pkl holds the tokenizer")
-    p.add_argument("--seq_len", type=int, default=0, help="tokens per sequence (default 256 text8, 1024 BPE)")
+    p.add_argument("--seq_len", type=int, default=0, help="tokens per sequence (default: the checkpoint's training length)")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--load_ema", type=lambda s: s.lower() in ("1", "true", "yes"), dest="ema",
@@ -209,9 +178,10 @@ def main(argv=None):
     dev = pick_device(args.device)
     model = open_model(args.ckpt, args.ema, dev)
     vocab = model.vocab_size
-    dataset = args.dataset or default_dataset(vocab)
+    trained = model.checkpoint_meta.get("training_args", {})
+    dataset = args.dataset or trained.get("dataset") or default_dataset(vocab)
     codec = load_codec(vocab, dataset, args.data_dir)
-    seq_len = args.seq_len or (256 if dataset == "text8" else 1024)
+    seq_len = args.seq_len or trained.get("seq_len") or (256 if dataset == "text8" else 1024)
     x = initial_ids(codec, args.batch_size, seq_len, args.prompt, args.infill).to(dev)
 
     generator = torch.Generator(device=dev).manual_seed(args.seed)
@@ -219,7 +189,10 @@ def main(argv=None):
     if view:
         view(x, force=True)
     t0 = time.time()
-    samples, calls = model.sample(x, steps=args.steps, generator=generator, callback=view)
+    try:
+        samples, calls = model.sample(x, steps=args.steps, generator=generator, callback=view)
+    except ValueError as e:  # what this model cannot do (e.g. infill with an autoregressive model)
+        raise UserError(str(e))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
@@ -227,7 +200,7 @@ def main(argv=None):
 
     if args.json:
         print(json.dumps({"samples": texts, "ids": samples.tolist(), "network_calls": calls,
-                          "seconds": seconds, "steps": args.steps or model.T, "seed": args.seed}))
+                          "seconds": seconds, "steps": args.steps or model.T or None, "seed": args.seed}))
     else:
         if view:
             view(samples, force=True)

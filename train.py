@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 import configs
+from common import (UserError, atomic_save, dataset_vocab_size, ddp_init, ddp_shutdown, model_classes,
+                    newest_checkpoint, open_split, pick_device)
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
 # I/O
@@ -33,7 +35,7 @@ out_dir = ""  # default: out/<config name> (or the --resume directory)
 log_interval = 10  # iterations between train log lines
 eval_interval = 1000  # iterations between val evaluations (and best-checkpoint saves)
 eval_iters = 100  # val batches per evaluation, shared across ranks
-eval_key = "l_T"  # val metric that picks the best checkpoint: l_T or loss
+eval_key = "bound"  # val metric that picks the best checkpoint: bound (the model's own, nats/token) or loss
 always_save_checkpoint = False  # write ckpt.pt after every evaluation, not only on improvement
 ckpt_interval = 1000  # iterations between last.pt writes (the resume point after a crash)
 resume = ""  # a run directory to continue (its newest checkpoint)
@@ -69,17 +71,12 @@ inject_crash = 0  # test-only: the last rank dies (os._exit) after this iteratio
 # ------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-CONFIG_NAMES = [name for name in dir(configs) if name.startswith("d3pm_") and callable(getattr(configs, name))]
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, no traceback."""
+CONFIG_NAMES = configs.NAMES
 
 
 # ---- command line -------------------------------------------------------------------------------
-def parse_value(key, text):
-    """Convert text to the type of the default of `key`, or raise UserError."""
-    default = globals()[key]
+def parse_value(key, text, default):
+    """Convert text to the type of `default`, or raise UserError."""
     kind = type(default)
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -98,7 +95,7 @@ def parse_value(key, text):
 
 
 def parse_args(argv):
-    """[CONFIG] [--key=value ...] [--no-compile] [--debug] -> (config name or None, overrides dict)."""
+    """[CONFIG] [--key=value ...] [--no-compile] [--debug] -> (config name or None, {key: text})."""
     config_name, overrides = None, {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -108,18 +105,17 @@ def parse_args(argv):
             for k in CONFIG_KEYS:
                 print(f"  --{k}={globals()[k]!r}")
             print("  --no-compile   same as --compile=False\n  --debug        show tracebacks")
+            print("  --KEY=VALUE for any key of the config's model_args (e.g. --time_conditioning=True) sets it too")
             sys.exit(0)
         if arg == "--no-compile":
-            overrides["compile"] = False
+            overrides["compile"] = "False"
         elif arg == "--debug":
             pass
         elif arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
-            if key not in CONFIG_KEYS:
-                raise UserError(f"unknown option --{key}; valid: " + ", ".join(CONFIG_KEYS))
             if not eq:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
-            overrides[key] = parse_value(key, text)
+            overrides[key] = text
         elif config_name is None:
             if arg not in CONFIG_NAMES:
                 raise UserError(f"unknown config {arg!r}; valid: " + ", ".join(CONFIG_NAMES))
@@ -130,49 +126,26 @@ def parse_args(argv):
 
 
 def load_config(config_name, overrides):
-    """Apply the config function, then the overrides, to the globals. Returns (model_cls, model_args, changed)."""
+    """Apply the config function, then the overrides ({key: text}), to the globals; an override of a key of
+    the config's model_args changes the model instead. Returns (model_cls, model_args, changed, typed overrides)."""
     model_cls, model_args, training_args = getattr(configs, config_name or "d3pm_text8")()
     for key, value in training_args.items():
         if key not in CONFIG_KEYS:
             raise UserError(f"config {config_name} sets unknown key {key!r}")
-    changed = {**training_args, **overrides}
+    typed, model_overrides = {}, {}
+    for key, text in overrides.items():
+        if key in CONFIG_KEYS:
+            typed[key] = parse_value(key, text, globals()[key])
+        elif key in model_args:
+            model_overrides[key] = parse_value(key, text, model_args[key])
+        else:
+            raise UserError(f"unknown option --{key}; valid: " + ", ".join(CONFIG_KEYS + list(model_args)))
+    changed = {**training_args, **typed}
     globals().update(changed)
-    return model_cls, model_args, changed
-
-
-def pick_device(name, local_rank=0):
-    """'auto' -> cuda if available else cpu; plain 'cuda' -> this process's GPU under torchrun;
-    a one-line error when CUDA is asked for but absent."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but CUDA is not available; use --device=cpu")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    return model_cls, {**model_args, **model_overrides}, changed, typed
 
 
 # ---- data ---------------------------------------------------------------------------------------
-def open_split(data_dir, split):
-    """Memory-map a split: data_dir/split.npy (text8) or data_dir/split.bin (flat uint16, nanoGPT style)."""
-    npy, bin_ = os.path.join(data_dir, f"{split}.npy"), os.path.join(data_dir, f"{split}.bin")
-    try:
-        if os.path.exists(npy):
-            return np.load(npy, mmap_mode="r")
-        if os.path.exists(bin_):
-            return np.memmap(bin_, dtype=np.uint16, mode="r")
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot read the {split} split in {data_dir} (truncated? prepare it again): {e}")
-    raise UserError(f"no {split} split in {data_dir} ({split}.npy or {split}.bin)")
-
-
-def dataset_vocab_size(data_dir):
-    """vocab_size from meta.pkl (text8-style datasets), else GPT-2's 50257 for .bin datasets."""
-    meta_path = os.path.join(data_dir, "meta.pkl")
-    if os.path.exists(meta_path):
-        with open(meta_path, "rb") as f:
-            return pickle.load(f)["vocab_size"]
-    return 50257
-
-
 def ensure_dataset(data_dir, is_master, ddp):
     """Prepare text8 automatically if it is missing; for other datasets say how to prepare them."""
     ready = os.path.exists(os.path.join(data_dir, "meta.pkl")) or all(  # nanoGPT-prepared .bin have no meta
@@ -274,40 +247,6 @@ class EMA:
         return template
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, fsync, then rename over path."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def newest_checkpoint(run_dir):
-    """The readable checkpoint (last.pt or ckpt.pt) in run_dir with the highest iter_num, or None."""
-    from d3pm import read_checkpoint
-    best = None
-    for name in ("last.pt", "ckpt.pt"):
-        path = os.path.join(run_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            ckpt = read_checkpoint(path)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"skipping {path}: {e}")
-            continue
-        if best is None or ckpt["iter_num"] > best[1]["iter_num"]:
-            best = (path, ckpt)
-    return best
-
-
 def rng_state(data_gen, dev):
     return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
             "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.tensor([], dtype=torch.uint8)}
@@ -320,32 +259,11 @@ def set_rng_state(state, data_gen, dev):
         torch.cuda.set_rng_state(state["cuda"], dev)
 
 
-def ddp_init(backend):
-    """init_process_group for torchrun. torchrun >= 2.5 lends its own rendezvous store to the workers
-    and keeps it across restarts, so a restarted group would read the previous attempt's addresses
-    (pytorch#135712) and fail or hang; each attempt therefore gets keys of its own."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        torch.distributed.init_process_group(backend=backend)
-        return
-    store, rank, world_size = next(torch.distributed.rendezvous("env://"))
-    store = torch.distributed.PrefixStore(f"nanodd/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-    torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
-
-
-def ddp_shutdown():
-    """Wait for every rank (rank 0 may still be writing), then tear the process group down. The short
-    pause lets gloo's worker threads release the last collective before the interpreter exits:
-    without it a rank can abort ("terminate called without an active exception") at shutdown."""
-    torch.distributed.barrier()
-    time.sleep(0.2)
-    torch.distributed.destroy_process_group()
-
-
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv):
     global out_dir
     config_name, overrides = parse_args(argv)
-    model_cls, model_args, changed = load_config(config_name, overrides)
+    model_cls, model_args, changed, overrides = load_config(config_name, overrides)
     if not out_dir:
         out_dir = resume or os.path.join("out", config_name or "d3pm_text8")
     start = None  # (path, checkpoint dict) to continue from
@@ -359,8 +277,10 @@ def main(argv):
         for key, value in start[1].get("training_args", {}).items():
             if key in CONFIG_KEYS and key not in overrides and key not in ("resume", "out_dir"):
                 globals()[key] = changed[key] = value
-    if eval_key not in ("l_T", "loss"):
-        raise UserError(f"--eval_key={eval_key}: expected l_T or loss")
+    if eval_key == "l_T":  # the D3PM's bound, by its name in runs of earlier versions
+        globals()["eval_key"] = changed["eval_key"] = "bound"
+    if eval_key not in ("bound", "loss"):
+        raise UserError(f"--eval_key={eval_key}: expected bound or loss")
     for key in ("log_interval", "eval_interval", "eval_iters", "ckpt_interval", "batch_size", "seq_len",
                 "gradient_accumulation_steps", "max_bad_steps"):
         if globals()[key] < 1:
@@ -391,7 +311,7 @@ def main(argv):
     # model, EMA, optimizer, possibly from a checkpoint
     data_vocab = dataset_vocab_size(data_dir)
     if start is not None:
-        model_args = start[1]["model_args"]
+        model_cls, model_args = model_classes()[start[1]["model_cls"]], start[1]["model_args"]
         if data_vocab != model_args["vocab_size"]:
             raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the checkpoint {start[0]} has "
                             f"{model_args['vocab_size']}: resume on the dataset it was trained on")
@@ -452,7 +372,7 @@ def main(argv):
 
     @torch.no_grad()
     def evaluate():
-        """Mean val loss and l_T of the EMA weights over eval_iters batches shared by all ranks.
+        """Mean val loss and bound of the EMA weights over eval_iters batches shared by all ranks.
         Uses its own seeded RNG so that training randomness is untouched."""
         net = ema.averaged_model(ema_model)
         my_iters = len(range(rank, eval_iters, world_size))
@@ -462,11 +382,11 @@ def main(argv):
             gen = torch.Generator().manual_seed(54321 + rank)
             for _ in range(my_iters):
                 _, loss, metrics = net(get_batch(val_data, gen, model_args["vocab_size"], dev))
-                sums += torch.stack([loss.double(), metrics["l_T"].double(), torch.ones((), device=dev)])
+                sums += torch.stack([loss.double(), metrics["bound"].double(), torch.ones((), device=dev)])
         if ddp:
             torch.distributed.all_reduce(sums)
-        loss, l_T = (sums[:2] / sums[2]).tolist()
-        return {"loss": loss, "l_T": l_T, "bpt": l_T / math.log(2)}
+        loss, bound = (sums[:2] / sums[2]).tolist()
+        return {"loss": loss, "bound": bound, "bpt": bound / math.log(2)}
 
     def checkpoint(name):
         """Gather every rank's RNG state; rank 0 writes out_dir/name atomically."""
@@ -560,7 +480,7 @@ def main(argv):
                 val = evaluate()
                 improved = val[eval_key] < best_val
                 best_val = min(best_val, val[eval_key])
-                say(f"val @ {iter_num}: loss {val['loss']:.4f}, l_T {val['l_T']:.4f}, bpt {val['bpt']:.4f}"
+                say(f"val @ {iter_num}: loss {val['loss']:.4f}, bound {val['bound']:.4f}, bpt {val['bpt']:.4f}"
                     + (" (best)" if improved else ""))
                 log({"iter": iter_num, "split": "val", **val})
                 if improved or always_save_checkpoint:

@@ -24,7 +24,7 @@ from conftest import randomize_weights
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 from d3pm import D3PMAbsorbing  # noqa: E402
-from train import open_split  # noqa: E402
+from common import open_split  # noqa: E402
 
 V, T, L = 3, 6, 4
 M = V
@@ -144,7 +144,7 @@ def test_batch_times_cover_1_to_T_minus_1_uniformly(toy, monkeypatch, B):
     n_u = 600
     x0 = torch.zeros((B, L), dtype=torch.long)
     for k in range(n_u):
-        evaluate.batch_estimate(toy, x0, (k + 0.5) / n_u, torch.Generator().manual_seed(k))
+        toy.batch_bound(x0, (k + 0.5) / n_u, torch.Generator().manual_seed(k))
         t = seen[-1].long()
         assert len(seen) == k + 1, "one network call per batch"
         assert t[0] == 1 and t.shape == (B,)
@@ -194,7 +194,7 @@ def test_standard_error_is_calibrated(runs, exact_data_bpt):
 
 
 def biased_batch_estimate(variant):
-    """batch_estimate with one plausible mistake."""
+    """D3PMAbsorbing.batch_bound with one plausible mistake."""
     def fn(model, x0, offset, generator=None):
         B = x0.shape[0]
         i = torch.arange(B - 1, dtype=torch.float64)
@@ -212,7 +212,7 @@ def biased_batch_estimate(variant):
 
 @pytest.mark.parametrize("variant", ["weight_T", "no_t0_term"])
 def test_unbiasedness_check_detects_biased_estimators(toy, exact_data_bpt, monkeypatch, variant):
-    monkeypatch.setattr(evaluate, "batch_estimate", biased_batch_estimate(variant))
+    monkeypatch.setattr(D3PMAbsorbing, "batch_bound", biased_batch_estimate(variant))
     with torch.no_grad():
         runs = run_estimates(toy)
     ok, mean, se = check_unbiased(runs, exact_data_bpt)
@@ -228,7 +228,7 @@ def test_single_sequence_batch_estimate_unbiased(toy):
     vals = []
     with torch.no_grad():
         for _ in range(3000):
-            vals.append(float(evaluate.batch_estimate(toy, x0, float(torch.rand((), generator=g)), g)))
+            vals.append(float(toy.batch_bound(x0, float(torch.rand((), generator=g)), g)))
     mean, se = evaluate.summarize(vals)
     assert abs(mean - exact) < 4 * se, (mean, se, exact)
 

@@ -39,7 +39,7 @@ def wait_for(path, proc, timeout=60):
 
 
 def test_kill_9_at_random_moments_never_loses_the_run(tiny_text8, tmp_path):
-    from train import newest_checkpoint
+    from common import newest_checkpoint
     rng = random.Random(0)
     for trial in range(4):
         out = tmp_path / f"run{trial}"

@@ -528,14 +528,14 @@ def test_output_is_read_by_train_and_sample(tiny_bpe, tmp_path):
     """train.py memory-maps the .bin files and reads vocab_size; sample.py rebuilds the tokenizer offline."""
     pytest.importorskip('torch')
     import sample
-    import train
+    import common
     out = str(tmp_path / 'mine')
     prepare(DOCS[:9], DOCS[9:], out, tiny_bpe)
     for split, docs in (('train', DOCS[:9]), ('val', DOCS[9:])):
-        data = train.open_split(out, split)
+        data = common.open_split(out, split)
         assert data.dtype == np.uint16
         np.testing.assert_array_equal(np.asarray(data, dtype=np.int64), expected_ids(tiny_bpe, docs))
-    assert train.dataset_vocab_size(out) == tiny_bpe.n_vocab
+    assert common.dataset_vocab_size(out) == tiny_bpe.n_vocab
     codec = sample.load_codec(tiny_bpe.n_vocab, 'mine', out)
     assert codec.mask_id == tiny_bpe.n_vocab
     ids = codec.encode(DOCS[0])

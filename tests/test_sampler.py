@@ -23,7 +23,7 @@ import torch
 from conftest import randomize_weights
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from d3pm import D3PMAbsorbing  # noqa: E402
+from d3pm import D3PMAbsorbing, draw  # noqa: E402
 
 V = 3          # vocabulary of the toy model; mask id = 3
 M = V          # mask id
@@ -541,7 +541,7 @@ def test_draw_rare_classes_at_binomial_frequency(toy):
     logits = torch.empty(n, 4, dtype=torch.float32)
     logits[:, :3] = (probs.log() + 50.0).float()
     logits[:, 3] = float("-inf")
-    out = toy.draw(logits, generator=torch.Generator().manual_seed(1))
+    out = draw(logits, generator=torch.Generator().manual_seed(1))
     assert out.shape == (n,)
     counts = torch.bincount(out, minlength=4).double()
     assert counts[3] == 0
@@ -554,7 +554,7 @@ def test_draw_rare_classes_at_binomial_frequency(toy):
 def test_draw_matches_categorical_chi_square(toy):
     g = torch.Generator().manual_seed(2)
     logits = torch.tensor([[0.3, -1.2, 2.0, 0.0, float("-inf"), -4.0]]).repeat(200_000, 1)
-    out = toy.draw(logits, generator=g)
+    out = draw(logits, generator=g)
     p = torch.softmax(logits[0].double(), -1).numpy()
     counts = np.bincount(out.numpy(), minlength=6)
     assert counts[4] == 0
@@ -564,7 +564,7 @@ def test_draw_matches_categorical_chi_square(toy):
     assert chi2_sf(stat, int(keep.sum()) - 1) > 1e-4
     # rows are independent and each uses its own logits
     rows = torch.tensor([[0.0, float("-inf"), float("-inf")], [float("-inf"), 0.0, float("-inf")]]).repeat(1000, 1)
-    assert torch.equal(toy.draw(rows, generator=g), torch.tensor([0, 1]).repeat(1000))
+    assert torch.equal(draw(rows, generator=g), torch.tensor([0, 1]).repeat(1000))
 
 
 def test_draw_works_in_float64():
@@ -573,7 +573,7 @@ def test_draw_works_in_float64():
     big = 1e8  # float32 spacing at 1e8 is 8: logits big and big + 1 are distinct only in float64
     logits = torch.tensor([[big, big + 1.0, float("-inf")]], dtype=torch.float64).repeat(100_000, 1)
     model = D3PMAbsorbing(vocab_size=2, n_embed=8, n_heads=2, n_blocks=1, n_cond=4, dropout=0.0, T=4, lambda_ce=0.05)
-    out = model.draw(logits, generator=torch.Generator().manual_seed(0))
+    out = draw(logits, generator=torch.Generator().manual_seed(0))
     frac1 = float((out == 1).double().mean())
     p1 = 1 / (1 + math.exp(-1.0))
     assert abs(frac1 - p1) < 4.5 * math.sqrt(p1 * (1 - p1) / len(out))

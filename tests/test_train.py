@@ -168,17 +168,17 @@ def test_checkpoint_iters_best_val_and_log(runs):
     assert [r["iter"] for r in train_recs] == [5, 10, 15, 20]  # log_interval=5 in d3pm_tiny
     assert [r["iter"] for r in val_recs] == [7, 14, 20]  # eval_interval=7, and at max_iters
     for r in train_recs:
-        for k in ("loss", "lr", "grad_norm", "kl", "ce", "l_T", "bpt"):
+        for k in ("loss", "lr", "grad_norm", "kl", "ce", "l_T", "bound", "bpt"):
             assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r)
     for r in val_recs:
-        for k in ("loss", "l_T", "bpt"):
+        for k in ("loss", "bound", "bpt"):
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r)
-        assert r["bpt"] == pytest.approx(r["l_T"] / math.log(2))
+        assert r["bpt"] == pytest.approx(r["bound"] / math.log(2))
 
-    # best checkpoint: selected by val l_T (eval_key default); ckpt.pt is the best evaluation
-    best_rec = min(val_recs, key=lambda r: r["l_T"])
-    assert last["best_val_loss"] == best_rec["l_T"]
-    assert best["best_val_loss"] == best_rec["l_T"]
+    # best checkpoint: selected by the val bound (eval_key default); ckpt.pt is the best evaluation
+    best_rec = min(val_recs, key=lambda r: r["bound"])
+    assert last["best_val_loss"] == best_rec["bound"]
+    assert best["best_val_loss"] == best_rec["bound"]
     assert best["iter_num"] == best_rec["iter"]
 
 

@@ -1,0 +1,189 @@
+"""
+Masked diffusion in continuous time (MDLM, Sahoo et al. 2024; MD4, Shi et al. 2024).
+
+Forward process. Token ids 0..V-1, mask id m = V. A schedule alpha(t), t in [0, 1], decreasing from
+alpha(0) = 1 to alpha(1) = 0, is the probability that a token is still clean at time t:
+    linear: alpha(t) = 1 - t          cosine: alpha(t) = 1 - cos(pi/2 (1 - t))
+    q(x_t | x_0): each token independently stays x_0 w.p. alpha(t), else becomes m.
+
+Reverse model ("SUBS"). The DiT predicts p(x_0 | x_t) with the mask logit at -inf; unmasked positions
+are carried over and cost nothing. With time_conditioning=False the network sees a constant time (the
+true p(x_0 | x_t) does not depend on t: masking is independent of content).
+
+Objective: the continuous-time negative ELBO (the T -> inf limit of the D3PM bound), nats per sequence,
+    NELBO(x_0) = int_0^1 w(t) E_{x_t ~ q(.|x_0)} [ sum_{l: x_t^l = m} -log p(x_0^l | x_t) ] dt,
+    w(t) = -alpha'(t) / (1 - alpha(t))            (linear: 1/t).
+Training draws t per sequence, antithetically by default (t_i = (u + i/B) mod 1, one u per batch),
+squeezed into [t_eps, 1] (the weight 1/t makes t -> 0 draws rare but huge).
+
+Evaluation integrates all of [0, 1] exactly, without the 1/t variance. Substitute u = 1 - alpha(t) (the
+masking probability, w(t) dt = du / u) and condition on k = the number of masked tokens, k ~ Bin(L, u):
+    int_0^1 (1/u) C(L,k) u^k (1-u)^(L-k) du = 1/k,   and given k, u ~ Beta(k, L - k + 1), so
+    NELBO(x_0) / L = E_{k ~ U{1..L}} E_{u ~ Beta(k, L-k+1)} E_{k random positions masked}
+                     [ (1/k) sum_{masked l} -log p(x_0^l | x_t) ],   t = alpha^{-1}(1 - u):
+the mean cross-entropy over the masked positions of a uniformly random number of masked positions
+(the "any-order autoregressive" form), with k stratified over the batch. Every term is bounded.
+The discrete T-step bound (what a T-step ancestral sampler is scored by) is
+    L_T = sum_{i=1}^T E[ (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)) sum_{masked} -log p(x_0 | x_{t_i}) ],
+    t_i = i/T, s_i = (i-1)/T,  and L_T decreases to the NELBO as T grows.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from d3pm import CrossEntropy, unmask_at_event_times
+from model import DiT
+
+
+class MDLM(nn.Module):
+    def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, schedule="linear",
+                 time_conditioning=False, antithetic=True, t_eps=1e-3):
+        super().__init__()
+        if schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be linear or cosine, not {schedule!r}")
+        self.vocab_size = vocab_size
+        self.mask_id = vocab_size
+        self.schedule, self.time_conditioning = schedule, time_conditioning
+        self.antithetic, self.t_eps = antithetic, t_eps
+        self.T = 0  # continuous time; evaluate.py --T N sets a discrete T-step bound instead
+        self.net = DiT(vocab_size + 1, n_embed, n_heads, n_blocks, n_cond, dropout)
+
+    # ---- schedule -----------------------------------------------------------------------------------
+    def alpha(self, t):
+        """P(token still clean at time t), float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.schedule == "linear":
+            return 1 - t
+        return 1 - torch.cos(math.pi / 2 * (1 - t))
+
+    def alpha_inverse(self, a):
+        """The t with alpha(t) = a, float64."""
+        a = torch.as_tensor(a, dtype=torch.float64)
+        if self.schedule == "linear":
+            return 1 - a
+        return 1 - torch.acos((1 - a).clamp(-1, 1)) * 2 / math.pi
+
+    def weight(self, t):
+        """w(t) = -alpha'(t) / (1 - alpha(t)), float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.schedule == "linear":
+            return 1 / t
+        return (math.pi / 2) * torch.sin(math.pi / 2 * (1 - t)) / torch.cos(math.pi / 2 * (1 - t))
+
+    # ---- network --------------------------------------------------------------------------------------
+    def logits(self, x_t, t):
+        """Logits of p(x_0 | x_t), mask at -inf. t: (B,) float in [0, 1] (ignored without time conditioning)."""
+        t_in = 1000 * t.float() if self.time_conditioning else torch.zeros(x_t.shape[0], device=x_t.device)
+        logits = self.net(x_t, t_in)
+        logits[..., self.mask_id] = float("-inf")
+        return logits
+
+    def q_sample(self, x0, t, generator=None):
+        """x_t ~ q(x_t | x_0): mask each token independently w.p. 1 - alpha(t). t: (B,) float."""
+        keep = self.alpha(t).to(x0.device)[:, None]
+        u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+        return torch.where(u < keep, x0, torch.full_like(x0, self.mask_id))
+
+    def masked_ce(self, logits, x0, x_t):
+        """Per-token -log p(x_0 | x_t) on masked positions, 0 elsewhere: (B, L) float32."""
+        ce = CrossEntropy.apply(logits.flatten(0, 1), x0.flatten()).view(x0.shape)
+        return ce * (x_t == self.mask_id)
+
+    # ---- training -------------------------------------------------------------------------------------
+    def draw_times(self, B, device, generator=None):
+        """t in [t_eps, 1]: antithetic (u + i/B) mod 1 with one u per batch, or i.i.d. uniform."""
+        if self.antithetic:
+            u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
+            r = (u + torch.arange(B, dtype=torch.float64, device=device) / B) % 1
+        else:
+            r = torch.rand(B, dtype=torch.float64, device=device, generator=generator)
+        return self.t_eps + (1 - self.t_eps) * r
+
+    def forward(self, x0, t=None):
+        """x0: (B, L). t: (B,) float times, drawn by draw_times if None.
+        loss = mean_b w(t_b) sum_l masked_ce / L  (a one-sample estimate of NELBO/L on [t_eps, 1]).
+        Returns (logits, loss, metrics): ce (mean masked cross-entropy), bound and bpt (= the loss),
+        all 0-dim tensors."""
+        B, L = x0.shape
+        if t is None:
+            t = self.draw_times(B, x0.device)
+        x_t = self.q_sample(x0, t)
+        logits = self.logits(x_t, t)
+        ce = self.masked_ce(logits, x0, x_t)
+        per_seq = self.weight(t).float().to(x0.device) * ce.sum(1) / L
+        loss = per_seq.mean()
+        n_masked = (x_t == self.mask_id).sum().clamp(min=1)
+        metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=loss.detach(), bpt=loss.detach() / math.log(2))
+        return logits, loss, metrics
+
+    # ---- the bound, for evaluate.py ---------------------------------------------------------------------
+    continuous = True  # evaluate.py --T N may set a discrete T
+
+    def bound_name(self):
+        return f"{self.T}-step bound" if self.T else "continuous NELBO"
+
+    def batch_bound(self, x0, offset, generator=None):
+        """One unbiased estimate (float64 0-dim, nats/token) of the bound on a (B, L) batch; offset in [0, 1)
+        stratifies the batch. T = 0: the whole continuous NELBO (see the top of this file): row i gets
+        k_i = 1 + floor((i + offset) L / B) masked positions at random, u_i ~ Beta(k_i, L - k_i + 1), and
+        scores the mean masked cross-entropy; each stratum of k has probability 1/B, so the batch mean is
+        unbiased. T > 0: the T-step bound, row i at step j_i = 1 + floor((i + offset) T / B), weight T."""
+        B, L = x0.shape
+        dev = x0.device
+        i = torch.arange(B, dtype=torch.float64, device=dev)
+        if self.T:
+            j = (1 + torch.floor((i + offset) / B * self.T)).clamp(max=self.T)
+            t, s = j / self.T, (j - 1) / self.T
+            x_t = self.q_sample(x0, t, generator)
+            w = (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t))
+            ce = self.masked_ce(self.logits(x_t, t), x0, x_t).double().sum(1)
+            return self.T * (w.to(dev) * ce).mean() / L
+        k = (1 + torch.floor((i + offset) / B * L)).clamp(max=L)
+        u = beta_sample(k, L - k + 1, generator)
+        t = self.alpha_inverse(1 - u)
+        score = torch.rand((B, L), dtype=torch.float64, device=dev, generator=generator)
+        rank = score.argsort(dim=1).argsort(dim=1)  # a uniformly random order of the positions
+        x_t = torch.where(rank < k[:, None].to(dev), torch.full_like(x0, self.mask_id), x0)
+        ce = self.masked_ce(self.logits(x_t, t.to(dev)), x0, x_t).double().sum(1)
+        return (ce / k.to(dev)).mean()
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, x, steps=None, generator=None, callback=None, cache=True):
+        """Ancestral sampling of the masked positions of x (B, L); given tokens are never changed.
+
+        Which positions unmask when does not depend on the network, so the unmask time tau of every
+        masked position (and the uniform that draws its token) is drawn first; then the network is called
+        only at the distinct taus of each row (first-hitting: a step where nothing unmasks changes nothing,
+        and without time conditioning the prediction could not change either: exact caching).
+        steps=N: the ancestral sampler on the grid t_j = j/N; from t_j to t_{j-1} a masked token unmasks
+        w.p. (alpha(t_{j-1}) - alpha(t_j)) / (1 - alpha(t_j)), i.e. P(tau = t_j) = alpha(t_{j-1}) - alpha(t_j).
+        cache=False calls the network at all N steps instead (identical samples, for comparison).
+        steps=None: the continuous process, tau = alpha^{-1}(U) with U uniform: positions unmask one at a
+        time, in a uniformly random order (every call has an event: cache changes nothing).
+        Returns (samples, network calls)."""
+        B, L = x.shape
+        dev = x.device
+        every_step = None
+        if steps is None:
+            tau = self.alpha_inverse(torch.rand((B, L), dtype=torch.float64, device=dev, generator=generator))
+            tau = tau.clamp(min=1e-300)  # 0 means "nothing to do"
+        else:
+            grid = torch.arange(steps + 1, dtype=torch.float64, device=dev) / steps
+            p = (self.alpha(grid[:-1]) - self.alpha(grid[1:])).clamp(min=0)
+            j = torch.multinomial(p, B * L, replacement=True, generator=generator).view(B, L) + 1
+            tau = j.double() / steps
+            every_step = None if cache else grid[1:].flip(0)
+        u = torch.rand((B, L), dtype=torch.float64, device=dev, generator=generator)
+        return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step)
+
+
+def beta_sample(a, b, generator):
+    """Beta(a, b) draws for integer a, b >= 1 (float64 tensors) with a generator: the a-th smallest of
+    a + b - 1 uniforms."""
+    n = int((a + b - 1).max())
+    u = torch.rand((a.shape[0], n), dtype=torch.float64, generator=generator, device=a.device)
+    valid = torch.arange(n, device=a.device)[None, :] < (a + b - 1)[:, None]
+    u = torch.where(valid, u, torch.full_like(u, 2.0)).sort(dim=1).values
+    return u.gather(1, (a.long() - 1)[:, None]).squeeze(1)
