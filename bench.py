@@ -5,6 +5,7 @@ Measure training, sampling and evaluation speed (and memory) on the current devi
     python bench.py d3pm_text8 --mode=train --compile=True  # CUDA: torch.compile on/off, --bf16=False
     python bench.py d3pm_openwebtext_8gpu --mode=memory --batch_size=4 --seq_len=256
     python bench.py d3pm_text8_cpu --mode=sample --ckpt=out/d3pm_text8_cpu/ckpt.pt
+    python bench.py --mode=suite                            # a GPU's whole check list, < 8 minutes
 
 Modes:
   train   tokens/s of forward + backward + AdamW step after warm-up; peak memory (CUDA: max allocated,
@@ -20,11 +21,15 @@ Modes:
   eval    network calls needed to reach --target_se with evaluate.py's stratified estimator
           (model.batch_bound) vs the training-time estimate (forward's metrics["bound"], independent
           random times), from the spread of --eval_batches per-batch estimates of each.
+  suite   everything only a GPU can show, in one command with a deadline (see bench_suite): each family
+          of --suite_configs at its published size with torch.compile and bf16 on and off, a 1-process
+          torchrun (NCCL) training run, sampling speed. One JSON line each; failures are JSON lines too.
 """
 import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +44,7 @@ from common import UserError, open_split, pick_device
 CONFIG_NAMES = configs.NAMES
 
 # ---- defaults, overridden by --key=value -------------------------------------------------------------
-mode = "all"  # train, memory, sample, eval, all (all = train, sample, eval)
+mode = "all"  # train, memory, sample, eval, all (= train, sample, eval), suite (the GPU check list below)
 batch_size = 0  # 0: the config's
 seq_len = 0  # 0: the config's
 vocab_size = 0  # 0: the config's (e.g. 50257 to bench the BPE output layer on a small model)
@@ -57,6 +62,8 @@ eval_batches = 30
 eval_batch_size = 32
 target_se = 0.01
 seed = 0
+suite_configs = "d3pm_text8,mdlm_text8,ar_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
+suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
 # -------------------------------------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -262,12 +269,82 @@ def bench_eval(config, dev):
     emit(out)
 
 
+def run_child(argv, timeout):
+    """Run a child process in its own process group; on timeout kill the whole group (nothing can hang).
+    Returns (returncode or None on timeout, stdout, stderr)."""
+    proc = subprocess.Popen(argv, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+def bench_suite(config, dev):
+    """Everything only a GPU can show, as one command: every family of --suite_configs at its published size,
+    train tokens/s, MFU and peak memory with torch.compile on/off and bf16 on/off (on CPU only the one
+    combination that applies), a short 1-process torchrun training run (NCCL on CUDA), and sampling speed.
+    Each measurement is a child process with a timeout, all within --suite_seconds: one JSON line each, and
+    a JSON line with "error" (plus a line on stderr) for anything that fails, times out or is skipped."""
+    import pickle
+    import tempfile
+    deadline = time.time() + suite_seconds
+    names = [c for c in suite_configs.split(",") if c]
+    for c in names:
+        if c not in CONFIG_NAMES:
+            raise UserError(f"--suite_configs: unknown config {c!r}")
+    me = [sys.executable, os.path.abspath(__file__)]
+    combos = [(True, True), (False, True), (True, False), (False, False)] if dev.type == "cuda" else [(False, False)]
+    jobs = [("train", c, *combos[0]) for c in names] + [("torchrun", "d3pm_tiny", dev.type == "cuda", True)]
+    jobs += [("train", c, *combo) for combo in combos[1:2] for c in names] + [("sample", c, False, True) for c in names]
+    jobs += [("train", c, *combo) for combo in combos[2:] for c in names]
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, c, use_compile, use_bf16 in jobs:
+            left = deadline - time.time()
+            record = {"bench": kind, "config": c, "compile": use_compile, "bf16": use_bf16}
+            if left < 5:
+                rc, out, err = None, "", "skipped: the suite's deadline (--suite_seconds) was reached"
+            elif kind == "torchrun":
+                data = os.path.join(tmp, "text8")
+                os.makedirs(data, exist_ok=True)
+                for split in ("train", "val"):
+                    np.save(os.path.join(data, f"{split}.npy"), np.random.default_rng(0).integers(0, 27, 20_000).astype(np.uint16))
+                with open(os.path.join(data, "meta.pkl"), "wb") as f:
+                    pickle.dump({"vocab_size": 27}, f)
+                argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+                        c, f"--data_root_dir={tmp}", f"--out_dir={os.path.join(tmp, 'out')}", "--max_iters=5",
+                        "--eval_interval=5", f"--compile={use_compile}", f"--device={device}"]
+                t0 = time.time()
+                rc, out, err = run_child(argv, min(left, 300))
+                record.update(backend="nccl" if dev.type == "cuda" else "gloo", seconds=time.time() - t0,
+                              ok=rc == 0 and os.path.exists(os.path.join(tmp, "out", "last.pt")))
+            else:
+                argv = me + [c, f"--mode={kind}", f"--compile={use_compile}", f"--bf16={use_bf16}", f"--device={device}",
+                             f"--steps={steps}", f"--warmup={warmup}", f"--sample_batch={sample_batch}"]
+                rc, out, err = run_child(argv, min(left, 240))
+                lines = [line for line in out.splitlines() if line.startswith("{")]
+                if rc == 0 and lines:
+                    record = json.loads(lines[-1])
+            if rc != 0 or (kind == "torchrun" and not record["ok"]):
+                failures += 1
+                why = "timed out" if rc is None and "skipped" not in err else (err.strip().splitlines() or [f"exit {rc}"])[-1]
+                record["error"] = why
+                print(f"suite: {kind} {c} compile={use_compile} bf16={use_bf16} failed: {why}", file=sys.stderr)
+            emit(record)
+    emit({"bench": "suite", "jobs": len(jobs), "failed": failures, "seconds": suite_seconds - (deadline - time.time())})
+
+
 def main(argv):
     config = parse(argv)
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    runs = {"train": bench_train, "memory": bench_memory, "sample": bench_sample, "eval": bench_eval}
+    runs = {"train": bench_train, "memory": bench_memory, "sample": bench_sample, "eval": bench_eval,
+            "suite": bench_suite}
     if mode != "all" and mode not in runs:
         raise UserError(f"--mode={mode}: expected one of all, " + ", ".join(runs))
     for name in (["train", "sample", "eval"] if mode == "all" else [mode]):

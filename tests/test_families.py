@@ -1,0 +1,112 @@
+"""The scripts work for every model family through one interface: train.py trains MDLM and AR configs
+(with model-arg overrides, and resumes them without a config name), evaluate.py scores each model's own
+bound (and --T for the continuous-time model), sample.py samples each (prompts; infill where the model
+can), bench.py's suite keeps its deadline. Training runs are subprocesses; evaluate/sample run in-process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+import common  # noqa: E402
+import evaluate  # noqa: E402
+import sample  # noqa: E402
+
+TIMEOUT = 120
+
+
+def run(*args):
+    """python ARGS from the repository root in its own process group, killed whole on timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{args} timed out")
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_text8_shared):
+    """6 steps of ar_tiny, and of mdlm_tiny with time conditioning and the cosine schedule (model-arg
+    overrides), then the MDLM run resumed to 8 steps with --resume alone (no config name)."""
+    root = tmp_path_factory.mktemp("families")
+    common_args = [f"--data_root_dir={tiny_text8_shared}", "--max_iters=6", "--eval_interval=3"]
+    dirs = {"ar": root / "ar", "mdlm": root / "mdlm"}
+    for name, extra in (("ar", ["ar_tiny"]), ("mdlm", ["mdlm_tiny", "--time_conditioning=True", "--schedule=cosine"])):
+        rc, out, err = run("train.py", *extra, *common_args, f"--out_dir={dirs[name]}")
+        assert rc == 0, err
+    rc, out, err = run("train.py", f"--resume={dirs['mdlm']}", "--max_iters=8", f"--data_root_dir={tiny_text8_shared}")
+    assert rc == 0, err
+    return dict(dirs=dirs, data_dir=os.path.join(tiny_text8_shared, "text8"), resumed_stdout=out)
+
+
+def test_checkpoints_name_their_class_and_overrides(runs):
+    ar = torch.load(runs["dirs"]["ar"] / "last.pt", weights_only=True)
+    md = torch.load(runs["dirs"]["mdlm"] / "last.pt", weights_only=True)
+    assert ar["model_cls"] == "AR" and md["model_cls"] == "MDLM"
+    assert md["model_args"]["time_conditioning"] is True and md["model_args"]["schedule"] == "cosine"
+    assert md["iter_num"] == 8 and "resuming from" in runs["resumed_stdout"] and "MDLM" in runs["resumed_stdout"]
+    model = common.load_checkpoint(str(runs["dirs"]["mdlm"] / "last.pt"))
+    assert type(model).__name__ == "MDLM" and model.time_conditioning and model.schedule == "cosine"
+    from d3pm import load_checkpoint  # the original entry point loads every class
+    assert type(load_checkpoint(str(runs["dirs"]["ar"] / "ckpt.pt"))).__name__ == "AR"
+
+
+def evaluate_json(capsys, *args):
+    evaluate.main([*map(str, args), "--json", "--max_batches", "3", "--batch_size", "4", "--device", "cpu"])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_evaluate_each_family(runs, capsys):
+    d = runs["data_dir"]
+    ar = evaluate_json(capsys, runs["dirs"]["ar"], "--data_dir", d, "--split", "val")
+    assert ar["model"] == "AR" and ar["bound"] == "exact NLL" and ar["se"] > 0
+    assert ar["tokens"] == 3 * 4 * 32  # seq_len from the checkpoint (d3pm_tiny's 32)
+    md = evaluate_json(capsys, runs["dirs"]["mdlm"], "--data_dir", d, "--split", "val")
+    assert md["bound"] == "continuous NELBO" and 1.0 < md["bpt"] < 10 and md["se"] > 0
+    md16 = evaluate_json(capsys, runs["dirs"]["mdlm"], "--data_dir", d, "--split", "val", "--T", "16")
+    assert md16["bound"] == "16-step bound" and md16["T"] == 16
+    with pytest.raises(common.UserError, match="continuous-time"):
+        evaluate.main([str(runs["dirs"]["ar"]), "--data_dir", d, "--T", "16", "--device", "cpu"])
+
+
+def sample_json(capsys, *args):
+    sample.main([*map(str, args), "--json", "--device", "cpu"])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sample_each_family(runs, capsys):
+    ar = sample_json(capsys, runs["dirs"]["ar"], "--batch_size", "2", "--prompt", "the cat")
+    assert all(s.startswith("the cat") and len(s) == 32 for s in ar["samples"])  # seq_len from the checkpoint
+    assert ar["network_calls"] == 32 - 7
+    with pytest.raises(common.UserError, match="cannot infill"):
+        sample.main([str(runs["dirs"]["ar"]), "--infill", "the ??? sat", "--device", "cpu"])
+    md = sample_json(capsys, runs["dirs"]["mdlm"], "--batch_size", "2", "--infill", "the ??? sat on ???")
+    assert all(s[:4] == "the " and s[7:15] == " sat on " and len(s) == 18 for s in md["samples"])
+    assert md["network_calls"] <= 6  # one call per distinct unmask time
+    grid = sample_json(capsys, runs["dirs"]["mdlm"], "--batch_size", "2", "--steps", "4")
+    assert grid["network_calls"] <= 4 and grid["steps"] == 4
+
+
+def test_bench_suite_keeps_its_deadline():
+    """With no time left every job is reported as skipped (a JSON line with "error" and a line on stderr),
+    nothing runs and nothing hangs."""
+    rc, out, err = run("bench.py", "--mode=suite", "--suite_configs=ar_tiny,mdlm_tiny", "--suite_seconds=0",
+                       "--device=cpu")
+    assert rc == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    jobs = records[:-1]
+    assert [r["bench"] for r in jobs] == ["train", "train", "torchrun", "sample", "sample"]
+    assert all("skipped" in r["error"] for r in jobs) and len(err.strip().splitlines()) == len(jobs)
+    assert records[-1] == {**records[-1], "bench": "suite", "jobs": 5, "failed": 5}
