@@ -55,7 +55,7 @@ class AR(nn.Module):
     def batch_bound(self, x0, offset=0.0, generator=None):
         """The exact NLL (nats/token, float64 0-dim) of a (B, L) batch; deterministic."""
         logits = self.shifted_logits(x0)
-        return torch.log_softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).neg().mean()
+        return CrossEntropy.apply(logits.flatten(0, 1), x0.flatten()).double().mean()
 
     @torch.no_grad()
     def sample(self, x, steps=None, generator=None, callback=None, cache=True):
