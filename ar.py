@@ -16,8 +16,9 @@ import math
 import torch
 import torch.nn as nn
 
-from d3pm import CrossEntropy, draw
+from d3pm import CrossEntropy
 from model import DiT, KVCache
+from sampling import draw
 
 
 class AR(nn.Module):
@@ -58,11 +59,13 @@ class AR(nn.Module):
         return CrossEntropy.apply(logits.flatten(0, 1), x0.flatten()).double().mean()
 
     @torch.no_grad()
-    def sample(self, x, steps=None, generator=None, callback=None, cache=True):
+    def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", **opts):
         """Fill the masked positions of x (B, L) left to right; they must form a suffix of the same length
         in every row (a prompt, then the generation): an autoregressive model cannot infill.
         With the KV cache (cache=True) each call feeds only the newest token; without it the whole prefix.
-        Returns (samples, network calls)."""
+        opts: temperature, top_k, top_p (sampling.draw); steps does not apply. Returns (samples, network calls)."""
+        if sampler != "ancestral":
+            raise ValueError("the autoregressive model samples left to right only (--sampler ancestral)")
         B, L = x.shape
         masked = x == self.mask_id
         start = int(masked.int().argmax(dim=1)[0]) if masked.any() else L
@@ -76,7 +79,7 @@ class AR(nn.Module):
         for i in range(start, L):
             inp = prefix if (kv is None or i == start) else x[:, i - 1:i]
             logits = self.logits(inp, kv)[:, -1]
-            x[:, i] = draw(logits, generator)
+            x[:, i] = draw(logits, generator, **opts)
             if kv is None:
                 prefix = torch.cat([prefix, x[:, i:i + 1]], dim=1)
             calls += 1

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import DiT
+from sampling import confidence_decode, draw, unmask_at_event_times
 
 
 class CrossEntropy(torch.autograd.Function):
@@ -150,7 +151,7 @@ class D3PMAbsorbing(nn.Module):
         return x
 
     @torch.no_grad()
-    def sample(self, x, steps=None, generator=None, callback=None, cache=True):
+    def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", **opts):
         """Exact fast version of sample_ancestral (same output distribution), or a coarse-grid one.
 
         Which positions unmask at which step does not depend on the network: a position masked at T
@@ -162,8 +163,16 @@ class D3PMAbsorbing(nn.Module):
 
         x: (B, L) ids, mask_id where to generate (given tokens are never changed).
         callback(x, t) is called after each network call. cache=False calls the network at every step
-        of the grid instead (same samples: for comparison). Returns (samples, number of network calls).
+        of the grid instead (same samples: for comparison). opts: temperature, top_k, top_p (sampling.draw;
+        the defaults keep the sampler exact). sampler="confidence": sampling.confidence_decode in `steps`
+        calls (default T) instead, with opts score and schedule too. Returns (samples, network calls).
         """
+        if sampler == "confidence":
+            S = steps or self.T
+            times = [self.T * (S - j) / S for j in range(S)]
+            return confidence_decode(self.logits, x, times, self.mask_id, generator, callback, **opts)
+        if sampler != "ancestral":
+            raise ValueError(f"unknown sampler {sampler!r} (ancestral or confidence)")
         B, L = x.shape
         ab = self.ab64
         p_tau = ab[:-1] - ab[1:]  # P(tau = t) for t = 1..T
@@ -174,51 +183,7 @@ class D3PMAbsorbing(nn.Module):
             tau = grid[torch.searchsorted(grid, tau)]  # the smallest grid point >= tau
         u = torch.rand((B, L), dtype=torch.float64, device=x.device, generator=generator)
         every_step = None if cache else grid[1:].flip(0)
-        return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step)
-
-
-def draw(logits, generator=None, u=None):
-    """One sample per row of (N, K) logits, by inverting the CDF in float64 with one uniform per row (u, (N,),
-    drawn here if not given). Float64 matters: float32 truncates the tail and lowers the effective
-    temperature. side="right" never returns a class of probability 0 (the masked column)."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    if u is None:
-        u = torch.rand(probs.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
-    cdf = probs.cumsum(dim=-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
-
-
-def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=None):
-    """Run a masked-diffusion reverse process whose unmask times and draws are fixed in advance.
-
-    tau (B, L) > 0: the time at which each masked position of x unmasks, going down from the top; u (B, L):
-    the uniform that draws its token (draw). First-hitting (grid=None): each row advances to its largest
-    pending time t and calls logits_fn(x_rows, t_rows) once (all rows together, each at its own time),
-    drawing every position that unmasks at t from p(x_0 | x_t). Times where nothing unmasks change nothing
-    and cost nothing. grid (descending times): the plain loop instead, one call at every grid time for
-    every row; since the draws are fixed in advance, it gives the same samples.
-    Given tokens are never changed. Returns (x, network calls)."""
-    x = x.clone()
-    pending = torch.where(x == mask_id, tau, torch.zeros_like(tau))  # 0: nothing to do
-    calls = 0
-    while True:
-        if grid is None:
-            t_row = pending.max(dim=1).values  # each row's next event time (the largest pending)
-        elif calls < len(grid):
-            t_row = grid[calls].expand(x.shape[0]).to(pending)
-        else:
-            t_row = torch.zeros_like(pending[:, 0])
-        rows = (t_row > 0).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return x, calls
-        xr, pr, tr = x[rows], pending[rows], t_row[rows]
-        logits = logits_fn(xr, tr)
-        now = pr == tr[:, None]
-        xr[now] = draw(logits[now], u=u[rows][now])
-        x[rows], pending[rows] = xr, torch.where(now, torch.zeros_like(pr), pr)
-        calls += 1
-        if callback is not None:
-            callback(x, tr)
+        return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step, **opts)
 
 
 # checkpoints of every model class load here too (the original's entry point: from d3pm import load_checkpoint)

@@ -32,8 +32,9 @@ import math
 import torch
 import torch.nn as nn
 
-from d3pm import CrossEntropy, unmask_at_event_times
+from d3pm import CrossEntropy
 from model import DiT
+from sampling import confidence_decode, unmask_at_event_times
 
 
 class MDLM(nn.Module):
@@ -150,7 +151,7 @@ class MDLM(nn.Module):
 
     # ---- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, x, steps=None, generator=None, callback=None, cache=True):
+    def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", **opts):
         """Ancestral sampling of the masked positions of x (B, L); given tokens are never changed.
 
         Which positions unmask when does not depend on the network, so the unmask time tau of every
@@ -162,8 +163,16 @@ class MDLM(nn.Module):
         cache=False calls the network at all N steps instead (identical samples, for comparison).
         steps=None: the continuous process, tau = alpha^{-1}(U) with U uniform: positions unmask one at a
         time, in a uniformly random order (every call has an event: cache changes nothing).
-        Returns (samples, network calls)."""
+        opts: temperature, top_k, top_p (sampling.draw; the defaults keep the sampler exact).
+        sampler="confidence": sampling.confidence_decode in `steps` calls (default L) at t = (S - j)/S,
+        with opts score and schedule too. Returns (samples, network calls)."""
         B, L = x.shape
+        if sampler == "confidence":
+            S = steps or L
+            times = [(S - j) / S for j in range(S)]
+            return confidence_decode(self.logits, x, times, self.mask_id, generator, callback, **opts)
+        if sampler != "ancestral":
+            raise ValueError(f"unknown sampler {sampler!r} (ancestral or confidence)")
         dev = x.device
         every_step = None
         if steps is None:
@@ -176,7 +185,7 @@ class MDLM(nn.Module):
             tau = j.double() / steps
             every_step = None if cache else grid[1:].flip(0)
         u = torch.rand((B, L), dtype=torch.float64, device=dev, generator=generator)
-        return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step)
+        return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step, **opts)
 
 
 def beta_sample(a, b, generator):

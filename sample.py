@@ -6,6 +6,8 @@ the autoregressive model writes left to right (prompts only, no infill).
     python sample.py rupspace/nanoDD-D3PM-text8 --batch_size 4 --seed 1
     python sample.py CKPT --prompt "the meaning of life is"
     python sample.py CKPT --infill "the ??????? of life is ????? and"
+    python sample.py CKPT --sampler confidence --steps 32 --top_p 0.9   # MaskGIT-style, 32 calls, nucleus
+    python sample.py CKPT --length 1024 --prompt "the"                  # beyond the training length
 
 By default each model's exact sampler runs. For the D3PM: the same output distribution as the T-step
 ancestral sampler, but the network is called only at the steps where some position unmasks (about
@@ -29,6 +31,7 @@ import time
 import torch
 
 from common import UserError, default_dataset, open_model, pick_device
+from sampling import generate_long
 
 MASK_GLYPH = "\u2588"
 
@@ -152,6 +155,11 @@ def initial_ids(codec, batch_size, seq_len, prompt, infill):
     return torch.tensor([ids] * batch_size)
 
 
+def cut_at(ids, stop_id):
+    """The ids before the first stop_id."""
+    return ids[:ids.index(stop_id)] if stop_id in ids else ids
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint file, run directory, or Hugging Face repo id")
@@ -164,16 +172,38 @@ def main(argv=None):
     p.add_argument("--load_ema", type=lambda s: s.lower() in ("1", "true", "yes"), dest="ema",
                    help="the original's flag: --load_ema false is --no-ema")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=None, help="coarse grid of N < T steps (approximate)")
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence"],
+                   help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "
+                        "in --steps calls, most confident positions first (masked models)")
+    p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
+                   "confidence: the number of network calls")
+    p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: draw from the smallest set of "
+                   "tokens with probability >= p")
+    p.add_argument("--top_k", type=int, default=0, help="draw from the k most likely tokens (0: all)")
+    p.add_argument("--confidence", default="max", choices=["max", "margin"],
+                   help="confidence sampler: score a position by its top probability or top-1 minus top-2 margin")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
+                   help="confidence sampler: how many positions each step commits")
     p.add_argument("--prompt", default=None, help="text the sequences start with")
     p.add_argument("--infill", default=None, help="template: placeholders are generated, the rest kept")
-    p.add_argument("--out", default=None, help="also write the samples to this file")
+    p.add_argument("--length", type=int, default=0, help="generate this many tokens after the prompt, beyond "
+                   "the training length if need be: window after window, each starting with the end of the last")
+    p.add_argument("--keep", type=int, default=0, help="--length: tokens of context each new window keeps "
+                   "(default half the window)")
+    p.add_argument("--stop_at_eos", action="store_true", help="BPE: cut each sample at its first end-of-text")
+    p.add_argument("--out", default=None, help="also write the samples to this file (JSON lines: text, ids), "
+                   "for evaluate.py --samples")
     p.add_argument("--json", action="store_true", help="print one JSON object with samples and timings")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.length < 0:
+        raise UserError("--temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 and --length >= 0 are required")
+    if args.length and args.infill is not None:
+        raise UserError("--length continues a prompt (or nothing); it does not combine with --infill")
 
     dev = pick_device(args.device)
     model = open_model(args.ckpt, args.ema, dev)
@@ -182,25 +212,47 @@ def main(argv=None):
     dataset = args.dataset or trained.get("dataset") or default_dataset(vocab)
     codec = load_codec(vocab, dataset, args.data_dir)
     seq_len = args.seq_len or trained.get("seq_len") or (256 if dataset == "text8" else 1024)
-    x = initial_ids(codec, args.batch_size, seq_len, args.prompt, args.infill).to(dev)
+    stop_id = None
+    if args.stop_at_eos:
+        if codec.bpe is None:
+            raise UserError("--stop_at_eos applies to BPE models (a character model has no end-of-text token)")
+        stop_id = codec.bpe.eot_token
+    opts = dict(steps=args.steps, sampler=args.sampler, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p)
+    if args.sampler == "confidence":
+        opts.update(score=args.confidence, schedule=args.schedule)
 
     generator = torch.Generator(device=dev).manual_seed(args.seed)
     view = LiveView(codec) if sys.stdout.isatty() and not args.json else None
-    if view:
-        view(x, force=True)
+
+    def sample_window(x):
+        return model.sample(x, generator=generator, callback=view, **opts)
+
     t0 = time.time()
     try:
-        samples, calls = model.sample(x, steps=args.steps, generator=generator, callback=view)
+        if args.length:
+            prompt = codec.encode(args.prompt) if args.prompt is not None else []
+            prefix = torch.tensor([prompt] * args.batch_size, dtype=torch.long)
+            keep = args.keep or seq_len // 2
+            samples, calls, _ = generate_long(sample_window, prefix.to(dev), args.length, seq_len, keep,
+                                              codec.mask_id, stop_id)
+        else:
+            x = initial_ids(codec, args.batch_size, seq_len, args.prompt, args.infill).to(dev)
+            if view:
+                view(x, force=True)
+            samples, calls = sample_window(x)
     except ValueError as e:  # what this model cannot do (e.g. infill with an autoregressive model)
         raise UserError(str(e))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
-    texts = [codec.decode(row) for row in samples.tolist()]
+    ids = [cut_at(row, stop_id) for row in samples.tolist()]
+    texts = [codec.decode(row) for row in ids]
 
     if args.json:
-        print(json.dumps({"samples": texts, "ids": samples.tolist(), "network_calls": calls,
-                          "seconds": seconds, "steps": args.steps or model.T or None, "seed": args.seed}))
+        print(json.dumps({"samples": texts, "ids": ids, "network_calls": calls, "seconds": seconds,
+                          "steps": args.steps or model.T or None, "seed": args.seed, "sampler": args.sampler,
+                          "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}))
     else:
         if view:
             view(samples, force=True)
@@ -210,7 +262,7 @@ def main(argv=None):
               file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
-            f.write("\n\n".join(texts) + "\n")
+            f.writelines(json.dumps({"text": text, "ids": row}) + "\n" for text, row in zip(texts, ids))
 
 
 if __name__ == "__main__":

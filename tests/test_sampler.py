@@ -23,7 +23,8 @@ import torch
 from conftest import randomize_weights
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from d3pm import D3PMAbsorbing, draw  # noqa: E402
+from d3pm import D3PMAbsorbing  # noqa: E402
+from sampling import draw  # noqa: E402
 
 V = 3          # vocabulary of the toy model; mask id = 3
 M = V          # mask id

@@ -1,0 +1,141 @@
+"""
+Sampling pieces that every model family shares (d3pm.py, mdlm.py, ar.py call them; sample.py drives them).
+
+    draw                   one token per row from logits, float64 inverse CDF, with temperature / top-k / top-p
+    unmask_at_event_times  the exact masked-diffusion reverse process, network only where something unmasks
+    confidence_decode      MaskGIT / LLaDA-style decoding: commit the most confident positions, S steps
+    generate_long          any length, semi-autoregressively: each window starts with the previous one's end
+
+Draws are float64 throughout: float32 truncates the tail and lowers the effective temperature, which
+flatters generative perplexity.
+"""
+import math
+
+import torch
+
+
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """float64 logits / temperature, keeping only the top_k classes (0: all) and the smallest set whose
+    probability reaches top_p (nucleus; 1.0: all). The rest get -inf. temperature must be > 0."""
+    logits = logits.double() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the mass of the classes ranked above each class
+        drop = before >= top_p  # keep a class while the mass above it is below p: the smallest set reaching p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def draw(logits, generator=None, u=None, temperature=1.0, top_k=0, top_p=1.0):
+    """One sample per row of (N, K) logits, by inverting the CDF in float64 with one uniform per row (u, (N,),
+    drawn here if not given), after filter_logits. temperature=0 is the argmax. side="right" never returns
+    a class of probability 0 (the masked column, or one filtered out)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    if u is None:
+        u = torch.rand(probs.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=None, **draw_opts):
+    """Run a masked-diffusion reverse process whose unmask times and draws are fixed in advance.
+
+    tau (B, L) > 0: the time at which each masked position of x unmasks, going down from the top; u (B, L):
+    the uniform that draws its token (draw). First-hitting (grid=None): each row advances to its largest
+    pending time t and calls logits_fn(x_rows, t_rows) once (all rows together, each at its own time),
+    drawing every position that unmasks at t from p(x_0 | x_t). Times where nothing unmasks change nothing
+    and cost nothing. grid (descending times): the plain loop instead, one call at every grid time for
+    every row; since the draws are fixed in advance, it gives the same samples.
+    Given tokens are never changed. Returns (x, network calls)."""
+    x = x.clone()
+    pending = torch.where(x == mask_id, tau, torch.zeros_like(tau))  # 0: nothing to do
+    calls = 0
+    while True:
+        if grid is None:
+            t_row = pending.max(dim=1).values  # each row's next event time (the largest pending)
+        elif calls < len(grid):
+            t_row = grid[calls].expand(x.shape[0]).to(pending)
+        else:
+            t_row = torch.zeros_like(pending[:, 0])
+        rows = (t_row > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return x, calls
+        xr, pr, tr = x[rows], pending[rows], t_row[rows]
+        logits = logits_fn(xr, tr)
+        now = pr == tr[:, None]
+        xr[now] = draw(logits[now], u=u[rows][now], **draw_opts)
+        x[rows], pending[rows] = xr, torch.where(now, torch.zeros_like(pr), pr)
+        calls += 1
+        if callback is not None:
+            callback(x, tr)
+
+
+def confidence_decode(logits_fn, x, times, mask_id, generator=None, callback=None, score="max",
+                      schedule="linear", **draw_opts):
+    """MaskGIT / LLaDA-style decoding in S = len(times) network calls (not a sampler of the model's
+    distribution: measure it). Step j calls logits_fn(x, times[j]) (times descending), draws a token for
+    every masked position (draw_opts: temperature, top_k, top_p), and commits the k_j positions whose
+    prediction is most confident: score "max" = the largest probability, "margin" = top-1 minus top-2
+    probability; the others stay masked. With M masked positions in a row, k_j = n(j+1) - n(j) with
+    n(j) = round(M f(j/S)), f(s) = s (linear) or 1 - cos(pi s / 2) (cosine: few first, many last), so every
+    position is filled after S steps. Given tokens are never changed. Returns (x, network calls)."""
+    x = x.clone()
+    B = x.shape[0]
+    S = len(times)
+    n_masked = (x == mask_id).sum(dim=1)  # (B,)
+
+    def filled_by(j):
+        s = j / S
+        frac = s if schedule == "linear" else 1 - math.cos(math.pi * s / 2)
+        return torch.round(n_masked.double() * frac).long()
+
+    calls = 0
+    for j, t in enumerate(times):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        calls += 1
+        logits = logits_fn(x, torch.full((B,), float(t), device=x.device))
+        probs = torch.softmax(logits[masked].double(), dim=-1)
+        top2 = probs.topk(2, dim=-1).values
+        conf_values = top2[:, 0] if score == "max" else top2[:, 0] - top2[:, 1]
+        confidence = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=x.device)
+        confidence[masked] = conf_values
+        k = filled_by(j + 1) - filled_by(j) if j < S - 1 else masked.sum(dim=1)
+        rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
+        commit = masked & (rank < k[:, None])
+        tokens = torch.full_like(x, mask_id)
+        tokens[masked] = draw(logits[masked], generator, **draw_opts)
+        x = torch.where(commit, tokens, x)
+        if callback is not None:
+            callback(x, t)
+    return x, calls
+
+
+def generate_long(sample_fn, prefix, length, window, keep, mask_id, stop_id=None):
+    """Generate `length` tokens per row after `prefix` (B, P) with a model of window length `window`:
+    each window is [the last `keep` tokens so far, masks...] (the first window: the prefix, then masks),
+    sample_fn fills its masks, and its new tokens are appended. stop_id: stop early once every row has
+    produced it. Returns ((B, P + length) ids, network calls, list of window starts)."""
+    if not 0 <= keep < window:
+        raise ValueError(f"keep ({keep}) must be smaller than the window ({window})")
+    out, calls, starts = prefix, 0, []
+    while out.shape[1] - prefix.shape[1] < length:
+        generated = out.shape[1] - prefix.shape[1]
+        first = max(0, out.shape[1] - (window - 1)) if generated == 0 else out.shape[1] - keep
+        ctx = out[:, first:]
+        n_new = min(window - ctx.shape[1], length - generated)
+        x = torch.cat([ctx, torch.full_like(out[:, :1], mask_id).expand(-1, n_new)], dim=1)
+        starts.append(first)
+        filled, c = sample_fn(x)
+        calls += c
+        out = torch.cat([out, filled[:, ctx.shape[1]:]], dim=1)
+        if stop_id is not None and (out[:, prefix.shape[1]:] == stop_id).any(dim=1).all():
+            break
+    return out, calls, starts
