@@ -6,6 +6,7 @@ Measure training, sampling and evaluation speed (and memory) on the current devi
     python bench.py d3pm_openwebtext_8gpu --mode=memory --batch_size=4 --seq_len=256
     python bench.py d3pm_text8_cpu --mode=sample --ckpt=out/d3pm_text8_cpu/ckpt.pt
     python bench.py --mode=suite                            # a GPU's whole check list, < 8 minutes
+    python bench.py --mode=quality --ckpt=out/mdlm_text8_cpu/ckpt.pt --judge=out/ar_text8_cpu --data_dir=data/text8
 
 Modes:
   train   tokens/s of forward + backward + AdamW step after warm-up; peak memory (CUDA: max allocated,
@@ -21,6 +22,8 @@ Modes:
   eval    network calls needed to reach --target_se with evaluate.py's stratified estimator
           (model.batch_bound) vs the training-time estimate (forward's metrics["bound"], independent
           random times), from the spread of --eval_batches per-batch estimates of each.
+  quality sample quality against network calls: every sampler of --quality_samplers at each of
+          --quality_calls steps, and the exact sampler, scored by --judge (see bench_quality); --plot.
   suite   everything only a GPU can show, in one command with a deadline (see bench_suite): each family
           of --suite_configs at its published size with torch.compile and bf16 on and off, a 1-process
           torchrun (NCCL) training run, sampling speed. One JSON line each; failures are JSON lines too.
@@ -64,6 +67,11 @@ target_se = 0.01
 seed = 0
 suite_configs = "d3pm_text8,mdlm_text8,ar_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
 suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
+judge = ""  # quality: the judge (an AR checkpoint or a GPT-2 name; see judge.py)
+quality_samplers = "ancestral,top_p0.9,confidence,confidence_margin"  # quality: the curves
+quality_calls = "8,16,32,64,128"  # quality: network calls (steps) per point; the exact sampler is added
+quality_samples = 32  # quality: sequences per point
+plot = ""  # quality: also draw the curve to this picture (needs matplotlib)
 # -------------------------------------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -338,13 +346,97 @@ def bench_suite(config, dev):
     emit({"bench": "suite", "jobs": len(jobs), "failed": failures, "seconds": suite_seconds - (deadline - time.time())})
 
 
+SAMPLERS = {  # quality: name -> model.sample options
+    "ancestral": {}, "top_p0.9": dict(top_p=0.9), "temp0.8": dict(temperature=0.8),
+    "confidence": dict(sampler="confidence"), "confidence_margin": dict(sampler="confidence", score="margin"),
+    "confidence_cosine": dict(sampler="confidence", schedule="cosine"),
+}
+
+
+@torch.no_grad()
+def bench_quality(config, dev):
+    """Sample quality against network calls (--ckpt, judged by --judge): for each sampler of
+    --quality_samplers at each number of steps in --quality_calls, plus the model's exact sampler,
+    --quality_samples sequences of the checkpoint's length, scored by evaluate.quality (gen_ppl, gen_bpt,
+    entropy, in_vocab for character corpora). The reference: the same measures on windows of real text
+    (--data_dir's test split). One JSON line per point; --plot draws the curves."""
+    from common import load_checkpoint
+    from evaluate import quality
+    from judge import load_judge
+    from sample import load_codec
+    if not ckpt or not judge:
+        raise UserError("--mode=quality needs --ckpt=GENERATOR and --judge=JUDGE (and --data_dir for the reference)")
+    model = load_checkpoint(ckpt, map_location=dev)
+    trained = model.checkpoint_meta.get("training_args", {})
+    L = seq_len or trained.get("seq_len", 256)
+    codec = load_codec(model.vocab_size, trained.get("dataset", ""), data_dir or None)
+    the_judge = load_judge(judge, data_dir or None, dev)
+    points = []
+    if data_dir:
+        data = open_split(data_dir, "test")
+        ix = np.random.default_rng(seed).integers(0, len(data) - L + 1, size=quality_samples)
+        rows = [data[i:i + L].astype(np.int64).tolist() for i in ix]
+        points.append({"bench": "quality", "sampler": "data", "steps": None, "calls": None, "seconds": None,
+                       **quality([codec.decode(r) for r in rows], rows, the_judge, data_dir)})
+        emit(points[-1])
+    x = torch.full((quality_samples, L), model.mask_id, device=dev)
+    runs = [(name, int(n)) for name in quality_samplers.split(",") if name for n in quality_calls.split(",") if n]
+    for name, n in runs + [("exact", None)]:
+        if name != "exact" and name not in SAMPLERS:
+            raise UserError(f"--quality_samplers: unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        sync(dev)
+        t0 = time.time()
+        try:
+            samples, calls = model.sample(x, steps=n, generator=gen, **SAMPLERS.get(name, {}))
+        except ValueError as e:  # e.g. confidence decoding of an autoregressive model
+            emit({"bench": "quality", "sampler": name, "steps": n, "error": str(e)})
+            continue
+        sync(dev)
+        rows = samples.tolist()
+        points.append({"bench": "quality", "sampler": name, "steps": n, "calls": calls, "seconds": time.time() - t0,
+                       **quality([codec.decode(r) for r in rows], rows, the_judge, data_dir)})
+        emit(points[-1])
+    if plot:
+        plot_quality(points, plot, f"{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}, judge {judge}")
+
+
+def plot_quality(points, out, title):
+    """Generative perplexity and entropy against network calls, one curve per sampler, real data as a line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which the repo does not require: pip install matplotlib")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "gen_ppl", "generative perplexity (judge)"), (axes[1], "entropy", "unigram entropy, bits")):
+        for i, name in enumerate(dict.fromkeys(p["sampler"] for p in points if p["sampler"] not in ("data", "exact"))):
+            curve = [p for p in points if p["sampler"] == name]
+            ax.plot([p["calls"] for p in curve], [p[key] for p in curve], marker="o", color=f"C{i}", label=name)
+        for p in points:
+            if p["sampler"] == "exact":
+                ax.plot([p["calls"]], [p[key]], marker="*", ms=14, color="k", ls="", label="exact sampler")
+            if p["sampler"] == "data":
+                ax.axhline(p[key], color="gray", ls="--", label="real text")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("network calls")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv):
     config = parse(argv)
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     runs = {"train": bench_train, "memory": bench_memory, "sample": bench_sample, "eval": bench_eval,
-            "suite": bench_suite}
+            "suite": bench_suite, "quality": bench_quality}
     if mode != "all" and mode not in runs:
         raise UserError(f"--mode={mode}: expected one of all, " + ", ".join(runs))
     for name in (["train", "sample", "eval"] if mode == "all" else [mode]):

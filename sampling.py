@@ -101,7 +101,7 @@ def confidence_decode(logits_fn, x, times, mask_id, generator=None, callback=Non
         if not masked.any():
             break
         calls += 1
-        logits = logits_fn(x, torch.full((B,), float(t), device=x.device))
+        logits = logits_fn(x, torch.full((B,), float(t), dtype=torch.float64, device=x.device))
         probs = torch.softmax(logits[masked].double(), dim=-1)
         top2 = probs.topk(2, dim=-1).values
         conf_values = top2[:, 0] if score == "max" else top2[:, 0] - top2[:, 1]
@@ -131,7 +131,7 @@ def generate_long(sample_fn, prefix, length, window, keep, mask_id, stop_id=None
         first = max(0, out.shape[1] - (window - 1)) if generated == 0 else out.shape[1] - keep
         ctx = out[:, first:]
         n_new = min(window - ctx.shape[1], length - generated)
-        x = torch.cat([ctx, torch.full_like(out[:, :1], mask_id).expand(-1, n_new)], dim=1)
+        x = torch.cat([ctx, torch.full((out.shape[0], n_new), mask_id, dtype=out.dtype, device=out.device)], dim=1)
         starts.append(first)
         filled, c = sample_fn(x)
         calls += c
