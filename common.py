@@ -3,9 +3,9 @@ What the scripts (train.py, sample.py, evaluate.py, bench.py) share, and nothing
 user error, device choice, data splits, process groups, and reading/writing checkpoints of every
 model class (d3pm.py, mdlm.py, ar.py).
 """
+import gc
 import os
 import pickle
-import time
 
 import numpy as np
 import torch
@@ -54,10 +54,30 @@ def default_dataset(vocab_size):
 
 
 # ---- process groups (torchrun) -----------------------------------------------------------------------
+# Teardown. Every gloo collective runs on one of the process group's worker threads, which keeps the
+# finished work (and with it the work's tensors) a moment after wait() has returned. If that thread drops
+# the last reference to a tensor that Python also had, it must take the GIL to free the Python object;
+# once the interpreter is finalizing it cannot, and the process aborts ("terminate called without an
+# active exception", SIGABRT) after the script has finished: torchrun then reports a failed run (about 3%
+# of 2-rank launches). The threads lived that long because the process group was never destroyed:
+# destroy_process_group() only drops torch's own references, and DDP had pinned the group (see ddp_init).
+# So: (1) every tensor handed to a collective comes from comm_buffer(), is reused, and lives as long as
+# the process (no collective of temporary or pickled Python objects: the RNG states travel as uint8
+# tensors); (2) collectives are waited for (all_reduce / all_gather below); (3) after the run the caller
+# drops its DDP wrapper and ddp_shutdown() destroys the group, which joins the worker threads before
+# main() returns, while Python still holds every tensor they saw (so joining cannot wait on the GIL).
+_COMM_BUFFERS = []
+
+
 def ddp_init(backend):
     """init_process_group for torchrun. torchrun >= 2.5 lends its own rendezvous store to the workers
     and keeps it across restarts, so a restarted group would read the previous attempt's addresses
-    (pytorch#135712) and fail or hang; each attempt therefore gets keys of its own."""
+    (pytorch#135712) and fail or hang; each attempt therefore gets keys of its own.
+
+    torch.distributed.nn is imported first: DDP imports it on first use, and its functions take
+    `group=group.WORLD` as a default argument, which, evaluated while a group exists, holds that group
+    (and gloo's threads) until interpreter shutdown, where destroying it races with finalization."""
+    import torch.distributed.nn  # noqa: F401  (before init_process_group: see the docstring)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         torch.distributed.init_process_group(backend=backend)
         return
@@ -66,12 +86,40 @@ def ddp_init(backend):
     torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
 
 
+def comm_buffer(tensor):
+    """Register `tensor` as a buffer for collectives (kept alive until the process exits) and return it."""
+    _COMM_BUFFERS.append(tensor)
+    return tensor
+
+
+def _registered(*tensors):
+    for t in tensors:
+        if not any(t is b for b in _COMM_BUFFERS):
+            raise ValueError("collectives take buffers from common.comm_buffer() (see the note above ddp_init)")
+
+
+def all_reduce(buf, op="sum"):
+    """In-place all_reduce (sum or max) of a comm_buffer, waited for; returns buf."""
+    _registered(buf)
+    op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+    torch.distributed.all_reduce(buf, op=op, async_op=True).wait()
+    return buf
+
+
+def all_gather(outs, buf):
+    """all_gather of a comm_buffer into a list of comm_buffers (one per rank), waited for; returns outs."""
+    _registered(buf, *outs)
+    torch.distributed.all_gather(outs, buf, async_op=True).wait()
+    return outs
+
+
 def ddp_shutdown():
-    """Wait for every rank (rank 0 may still be writing), then tear the process group down. The short
-    pause lets gloo's worker threads release the last collective before the interpreter exits:
-    without it a rank can abort ("terminate called without an active exception") at shutdown."""
+    """Tear the process group down after a finished run, on every rank. The caller drops its DDP wrapper
+    first (it holds the group). Waits for every rank (rank 0 may still be writing), then destroys the
+    group, which joins gloo's worker threads: no thread of it is left to touch Python objects during
+    interpreter shutdown."""
     torch.distributed.barrier()
-    time.sleep(0.2)
+    gc.collect()  # a DDP wrapper can sit in a reference cycle
     torch.distributed.destroy_process_group()
 
 

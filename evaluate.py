@@ -23,7 +23,8 @@ import sys
 import numpy as np
 import torch
 
-from common import UserError, ddp_init, ddp_shutdown, default_dataset, open_model, open_split, pick_device
+from common import (UserError, all_gather, comm_buffer, ddp_init, ddp_shutdown, default_dataset, open_model,
+                    open_split, pick_device)
 
 
 def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
@@ -44,14 +45,15 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
     rng = np.random.default_rng([seed, rank])
     gen = torch.Generator(device=dev).manual_seed(seed * 1000 + rank)
     estimates, total, total_sq = [], 0.0, 0.0
+    if world_size > 1:  # the tensors the all_gather goes through, allocated once (see common.py: teardown)
+        send = comm_buffer(torch.zeros(1, dtype=torch.float64, device=dev))
+        everyone = [comm_buffer(torch.zeros_like(send)) for _ in range(world_size)]
     while not max_batches or len(estimates) < max_batches:
         x0 = random_windows(data, batch_size, seq_len, model.vocab_size, rng, dev)
         offset = float(torch.rand((), generator=gen, device=dev))
         mine = model.batch_bound(x0, offset, gen).reshape(1) / math.log(2)
         if world_size > 1:
-            everyone = [torch.zeros_like(mine) for _ in range(world_size)]
-            torch.distributed.all_gather(everyone, mine)
-            mine = torch.cat(everyone)
+            mine = torch.cat(all_gather(everyone, send.copy_(mine)))
         estimates += mine.tolist()
         total, total_sq = total + float(mine.sum()), total_sq + float((mine.double() ** 2).sum())
         n = len(estimates)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 import configs
-from common import (UserError, atomic_save, dataset_vocab_size, ddp_init, ddp_shutdown, model_classes,
-                    newest_checkpoint, open_split, pick_device)
+from common import (UserError, all_gather, all_reduce, atomic_save, comm_buffer, dataset_vocab_size, ddp_init,
+                    ddp_shutdown, model_classes, newest_checkpoint, open_split, pick_device)
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
 # I/O
@@ -247,9 +247,20 @@ class EMA:
         return template
 
 
+RNG_KEYS = ("torch", "data", "cuda")
+
+
 def rng_state(data_gen, dev):
     return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
             "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.tensor([], dtype=torch.uint8)}
+
+
+def gather_rng_states(state, send, recv):
+    """Every rank's rng_state(), gathered as one uint8 tensor per rank through the comm buffers send
+    and recv (one per rank) rather than as pickled objects (see common.py: teardown)."""
+    sizes = [state[k].numel() for k in RNG_KEYS]
+    send.copy_(torch.cat([state[k] for k in RNG_KEYS]))
+    return [dict(zip(RNG_KEYS, (t.clone() for t in r.cpu().split(sizes)))) for r in all_gather(recv, send)]
 
 
 def set_rng_state(state, data_gen, dev):
@@ -350,6 +361,11 @@ def main(argv):
     if ddp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # the tensors the collectives below go through, allocated once (see common.py: teardown)
+        status_buf = comm_buffer(torch.zeros(2, device=dev))
+        sums_buf = comm_buffer(torch.zeros(3, dtype=torch.float64, device=dev))
+        rng_send = comm_buffer(torch.cat(list(rng_state(data_gen, dev).values())).to(dev))
+        rng_recv = [comm_buffer(torch.zeros_like(rng_send)) for _ in range(world_size)]
     if compile and dev.type == "cuda":
         say("compiling the model...")
         train_model = torch.compile(train_model)
@@ -376,7 +392,7 @@ def main(argv):
         Uses its own seeded RNG so that training randomness is untouched."""
         net = ema.averaged_model(ema_model)
         my_iters = len(range(rank, eval_iters, world_size))
-        sums = torch.zeros(3, dtype=torch.float64, device=dev)
+        sums = sums_buf.zero_() if ddp else torch.zeros(3, dtype=torch.float64, device=dev)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(12345 + rank)
             gen = torch.Generator().manual_seed(54321 + rank)
@@ -384,7 +400,7 @@ def main(argv):
                 _, loss, metrics = net(get_batch(val_data, gen, model_args["vocab_size"], dev))
                 sums += torch.stack([loss.double(), metrics["bound"].double(), torch.ones((), device=dev)])
         if ddp:
-            torch.distributed.all_reduce(sums)
+            all_reduce(sums)
         loss, bound = (sums[:2] / sums[2]).tolist()
         return {"loss": loss, "bound": bound, "bpt": bound / math.log(2)}
 
@@ -392,8 +408,7 @@ def main(argv):
         """Gather every rank's RNG state; rank 0 writes out_dir/name atomically."""
         rngs = [rng_state(data_gen, dev)]
         if ddp:
-            rngs = [None] * world_size
-            torch.distributed.all_gather_object(rngs, rng_state(data_gen, dev))
+            rngs = gather_rng_states(rngs[0], rng_send, rng_recv)
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             say(f"not writing {name}: the model has non-finite weights")
             return
@@ -446,7 +461,7 @@ def main(argv):
             status = torch.stack([torch.isfinite(grad_norm).logical_not().float(),
                                   torch.tensor(float(len(stop_signal)), device=dev)])
             if ddp:
-                torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+                status = all_reduce(status_buf.copy_(status), "max")
             bad, stop = status.tolist()
             if not bad:
                 optimizer.step()
@@ -497,6 +512,7 @@ def main(argv):
 
     say(f"done: {iter_num} iterations, best val {eval_key} {best_val:.4f}, checkpoints in {out_dir}")
     if ddp:
+        del train_model  # DDP holds the process group; ddp_shutdown() destroys it
         ddp_shutdown()
     return model
 
