@@ -92,7 +92,8 @@ def _network_args(model_args):
 
 def _masked(d3pm_config):
     _, model_args, training_args = d3pm_config()
-    return MDLM, dict(_network_args(model_args), schedule="linear", time_conditioning=False), training_args
+    return MDLM, dict(_network_args(model_args), schedule="linear", time_conditioning=False, antithetic=True,
+                      t_eps=1e-3), training_args
 
 
 def _autoregressive(d3pm_config):
