@@ -7,12 +7,17 @@ Estimate a model's own bound on the negative log-likelihood of a data split, in 
 
     python evaluate.py out/d3pm_text8_cpu/ckpt.pt --split test
     python evaluate.py out/mdlm_text8_cpu/ckpt.pt --split test --T 64
+    python evaluate.py --samples samples.jsonl --judge out/ar_text8_cpu --data_dir data/text8   # sample quality
     torchrun --standalone --nproc_per_node=8 evaluate.py CKPT --data_dir data/openwebtext --seq_len 1024
 
 Each batch holds B random windows of the split and gives one unbiased estimate of the bound
 (model.batch_bound: one network call, stratified over the batch with one random offset; see each
 model file). Batches are i.i.d. replicates, so the standard error is the spread of the per-batch
 estimates / sqrt(batches). Sampling stops when the standard error drops below --target_se.
+
+With --samples FILE --judge JUDGE it scores generated text instead (judge.py): generative perplexity
+and bits/token under an autoregressive judge (pooled over all tokens), the mean unigram entropy of each
+sample, and for character corpora the share of generated words found in the training split.
 """
 import argparse
 import json
@@ -77,9 +82,70 @@ def summarize(estimates):
     return mean, math.sqrt(var / n)
 
 
+def read_samples(path):
+    """(texts, ids or None) from sample.py --out (JSON lines: text, ids), sample.py --json (one object with
+    samples and ids), or plain text (samples separated by blank lines)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read --samples {path}: {e.strerror}")
+    try:
+        obj = json.loads(content)
+        if isinstance(obj, dict) and "samples" in obj:
+            return obj["samples"], obj.get("ids")
+    except ValueError:
+        pass
+    try:
+        rows = [json.loads(line) for line in content.splitlines() if line.strip()]
+        if rows and all(isinstance(r, dict) and "text" in r for r in rows):
+            return [r["text"] for r in rows], [r["ids"] for r in rows] if all("ids" in r for r in rows) else None
+    except ValueError:
+        pass
+    return [t.strip("\n") for t in content.split("\n\n") if t.strip()], None
+
+
+def quality(texts, ids, judge, data_dir=None):
+    """Sample quality under a judge (judge.py): gen_ppl and gen_bpt pooled over all scored tokens (the
+    texts, in the judge's tokens), the mean unigram entropy (bits) of each sample's own tokens (ids if
+    given, else the judge's), and for a character corpus (data_dir with itos) in_vocab, the share of
+    generated words that occur in its training split."""
+    from judge import in_vocab, score_samples, train_words, unigram_entropy_bits
+    result = score_samples(judge, texts)
+    result["entropy"] = unigram_entropy_bits(ids if ids is not None else [judge.encode(t) for t in texts])
+    if data_dir and os.path.exists(os.path.join(data_dir, "meta.pkl")):
+        try:
+            result["in_vocab"] = in_vocab(texts, train_words(data_dir))
+        except UserError:
+            pass  # a BPE corpus: no word list
+    return result
+
+
+def judge_main(args, dev):
+    """evaluate.py --samples FILE --judge JUDGE: the quality of generated samples."""
+    from judge import load_judge
+    texts, ids = read_samples(args.samples)
+    if not texts:
+        raise UserError(f"--samples {args.samples} holds no samples")
+    judge = load_judge(args.judge, args.data_dir or None, dev, ema=args.ema)
+    result = {"judge": args.judge, **quality(texts, ids, judge, args.data_dir or None)}
+    if args.json:
+        print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.items()}))
+    else:
+        extra = f", in-vocabulary words {result['in_vocab']:.3f}" if "in_vocab" in result else ""
+        print(f"{result['samples']} samples, {result['tokens']} tokens under {args.judge}: generative perplexity "
+              f"{result['gen_ppl']:.3f} ({result['gen_bpt']:.4f} bits/token), unigram entropy "
+              f"{result['entropy']:.3f} bits{extra}")
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="checkpoint file, run directory, or Hugging Face repo id")
+    p.add_argument("ckpt", nargs="?", help="checkpoint file, run directory, or Hugging Face repo id")
+    p.add_argument("--samples", default="", help="score generated samples instead (sample.py --out or --json "
+                   "output) under --judge")
+    p.add_argument("--judge", default="", help="with --samples: an autoregressive checkpoint of this repo, or "
+                   "gpt2 / gpt2-medium / gpt2-large / gpt2-xl (Hugging Face weights)")
     p.add_argument("--split", default="test", help="val or test (any SPLIT.npy / SPLIT.bin in --data_dir)")
     p.add_argument("--data_dir", default="", help="dataset directory (default data/text8 or data/openwebtext)")
     p.add_argument("--batch_size", type=int, default=64, help="windows per batch (one network call)")
@@ -94,6 +160,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     args = p.parse_args(argv)
+    if bool(args.samples) != bool(args.judge):
+        raise UserError("--samples and --judge go together: evaluate.py --samples FILE --judge JUDGE")
+    if args.samples:
+        return judge_main(args, pick_device(args.device))
+    if not args.ckpt:
+        raise UserError("give a checkpoint to evaluate (or --samples FILE --judge JUDGE)")
     if args.batch_size < 2:
         raise UserError("--batch_size must be at least 2 (one reconstruction window plus KL windows)")
 

@@ -3,6 +3,7 @@
 bound (and --T for the continuous-time model), sample.py samples each (prompts; infill where the model
 can), bench.py's suite keeps its deadline. Training runs are subprocesses; evaluate/sample run in-process."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -110,3 +111,36 @@ def test_bench_suite_keeps_its_deadline():
     assert [r["bench"] for r in jobs] == ["train", "train", "torchrun", "sample", "sample"]
     assert all("skipped" in r["error"] for r in jobs) and len(err.strip().splitlines()) == len(jobs)
     assert records[-1] == {**records[-1], "bench": "suite", "jobs": 5, "failed": 5}
+
+
+def test_samples_scored_by_a_judge(runs, capsys, tmp_path):
+    """sample.py --out, then evaluate.py --samples --judge with the AR run as the judge: the pooled NLL equals
+    the judge's own NLL of the same ids (batch_bound is its exact NLL per token)."""
+    out = tmp_path / "s.jsonl"
+    sample.main([str(runs["dirs"]["mdlm"]), "--batch_size", "3", "--steps", "4", "--out", str(out), "--json",
+                 "--device", "cpu"])
+    capsys.readouterr()
+    res = evaluate.main(["--samples", str(out), "--judge", str(runs["dirs"]["ar"]), "--data_dir", runs["data_dir"],
+                         "--json"])
+    ids = torch.tensor([json.loads(line)["ids"] for line in out.read_text().splitlines()])
+    judge_model = common.load_checkpoint(str(runs["dirs"]["ar"] / "ckpt.pt"))
+    with torch.no_grad():
+        exact = float(judge_model.batch_bound(ids))  # nats/token; 32 tokens fit the judge's context of 32
+    assert res["tokens"] == ids.numel() and res["samples"] == 3
+    assert abs(res["gen_bpt"] * math.log(2) - exact) < 1e-4 and abs(math.log(res["gen_ppl"]) - exact) < 1e-4
+    assert 0 < res["entropy"] <= math.log2(27) and 0 <= res["in_vocab"] <= 1
+    with pytest.raises(common.UserError, match="autoregressive"):
+        evaluate.main(["--samples", str(out), "--judge", str(runs["dirs"]["mdlm"])])
+
+
+def test_plot_draws_runs_or_says_what_is_missing(runs, tmp_path):
+    import plot
+    png = tmp_path / "curves.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # CI: matplotlib is not a requirement, so the error must say how to get it
+        with pytest.raises(common.UserError, match="pip install matplotlib"):
+            plot.main([str(runs["dirs"]["ar"]), str(runs["dirs"]["mdlm"]), "--out", str(png)])
+        return
+    plot.main([str(runs["dirs"]["ar"]), str(runs["dirs"]["mdlm"]), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
