@@ -83,3 +83,93 @@ def tiny_bpe():
         ranks[merge] = len(ranks)
     return tiktoken.Encoding("tiny", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)})
+
+
+# ---- running the scripts: as children in a process group of their own, or in this process ----------
+import contextlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+
+SCRIPT_TIMEOUT = 240  # seconds for one child (a torchrun launch included); the group is killed after it
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+def script_env(**extra):
+    """os.environ for a child: one OpenMP thread, offline, no torchrun variables inherited; plus extra."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def kill_group(proc):
+    """SIGKILL every process of proc's process group (proc was started with start_new_session=True)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextlib.contextmanager
+def child_group(cmd, env=None, cwd=None, **popen_kw):
+    """Popen(cmd) as the leader of a new process group. However the block is left (an assertion, a
+    timeout, Ctrl-C), whatever is left of the group (torchrun's workers included) is killed, so that a
+    failing test never leaves training running."""
+    proc = subprocess.Popen(cmd, cwd=cwd or REPO_ROOT, env=env or script_env(), start_new_session=True, **popen_kw)
+    try:
+        yield proc
+    finally:
+        kill_group(proc)
+        if proc.poll() is None:
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
+def run_script(args, timeout=SCRIPT_TIMEOUT, env=None, cwd=None):
+    """`python ARGS` (a script and its arguments, or -m MODULE ...) from the repository root, in a process
+    group of its own, with a timeout; fails the test on timeout. Returns a subprocess.CompletedProcess."""
+    cmd = [sys.executable, *map(str, args)]
+    with child_group(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            out, err = proc.communicate()
+            pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def describe(proc):
+    """A CompletedProcess's exit status and output tails, for assertion messages."""
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+
+def assert_one_line_error(proc, *words):
+    """The scripts' contract for bad input: a non-zero exit, one line on stderr, no traceback."""
+    assert proc.returncode not in (0, None), describe(proc)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, describe(proc)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), describe(proc)
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def call_main(module, argv):
+    """module.main(argv) in this process, as `python module.py ARGV` with OMP_NUM_THREADS=1 would run it:
+    one thread; the module's globals (train.py and bench.py keep their settings there), torch's global RNG
+    and the thread count are restored afterwards. Exceptions (common.UserError...) propagate."""
+    import torch
+    saved = dict(vars(module))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return module.main(list(map(str, argv)))
+    finally:
+        torch.set_num_threads(threads)
+        vars(module).update(saved)
