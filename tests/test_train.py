@@ -1,30 +1,26 @@
 """
 Tests for train.py: checkpoint layout (nanoDD compatibility, ../shared/reference/nanodd-compat.md
-section 1), exact resume, DDP on CPU (gloo, via torchrun), command-line errors, the learning-rate
-schedule, the optimizer's weight-decay groups and the EMA recursion.
+section 1), exact resume, command-line errors, the learning-rate schedule, the optimizer's weight-decay
+groups and the EMA recursion. (Under torchrun: tests/test_distributed.py.)
 
-Training runs are subprocesses of `python train.py d3pm_tiny` on a tiny fake text8 dataset
-(conftest.py), with OMP_NUM_THREADS=1; every run is a few dozen steps of a 20k-parameter model.
+Training runs call train.main in this process (conftest.call_main: one thread, globals restored), on a
+tiny fake text8 dataset (conftest.py); every run is a few dozen steps of a 20k-parameter model.
 """
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+import signal
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import configs  # noqa: E402
-import d3pm  # noqa: E402
-import train  # noqa: E402
+import configs
+import d3pm
+import train
+from common import UserError
+from conftest import call_main
 
 TINY_MODEL_ARGS = configs.d3pm_tiny()[1]
 MODEL_ARG_KEYS = {"vocab_size", "n_embed", "n_heads", "n_blocks", "n_cond", "dropout", "T", "lambda_ce"}
@@ -32,29 +28,17 @@ MODEL_ARG_KEYS = {"vocab_size", "n_embed", "n_heads", "n_blocks", "n_cond", "dro
 REFERENCE_KEYS = {"model", "ema", "optimizer", "model_cls", "model_args", "training_args",
                   "total_batch_size", "iter_num", "best_val_loss"}
 EXTRA_KEYS = {"rng"}
-TIMEOUT = 180
-EXIT_ABORT = "terminate called without an active exception"
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def sub_env():
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["MKL_NUM_THREADS"] = "1"
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "TORCHELASTIC_RUN_ID"):
-        env.pop(k, None)
-    return env
-
-
-def run_train(*args, check=True, env=None):
-    """python train.py ARGS from the repository root; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO, env=env or sub_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    if check and proc.returncode != 0:
-        pytest.fail(f"train.py {' '.join(map(str, args))} exited {proc.returncode}\n"
-                    f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+def run_train(*args):
+    """train.main(ARGS) in this process; returns what it printed on stdout."""
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        call_main(train, ["--device=cpu", *args])  # (a later --device=... wins)
+    return out.getvalue()
 
 
 def load(path):
@@ -99,7 +83,7 @@ def runs(tmp_path_factory, tiny_text8_shared):
     b10 = root / "B_last_at_10.pt"
     shutil.copyfile(b_dir / "last.pt", b10)
     resumed = run_train(*common, f"--resume={b_dir}", "--max_iters=20")
-    return dict(a=a_dir, b=b_dir, b10=b10, resumed_stdout=resumed.stdout)
+    return dict(a=a_dir, b=b_dir, b10=b10, resumed_stdout=resumed)
 
 
 # ---- 1. checkpoint layout -----------------------------------------------------------------------
@@ -213,217 +197,56 @@ def test_resume_is_bit_exact(runs):
     assert [r["iter"] for r in read_log(runs["b"]) if r["split"] == "train"] == [5, 10, 15, 20]
 
 
-# ---- 2. torchrun / DDP on CPU -------------------------------------------------------------------
-WRAPPER = """
-import os, sys
-sys.path.insert(0, {repo!r})
-import torch
-import train
-
-train_len = int(os.environ["TEST_TRAIN_LEN"])
-seen = []
-_get_batch = train.get_batch
-
-def recording_get_batch(data, generator, vocab_size, dev):
-    x = _get_batch(data, generator, vocab_size, dev)
-    if len(data) == train_len:  # training batches only (val has another length)
-        seen.append(x.clone())
-    return x
-
-train.get_batch = recording_get_batch
-model = train.main(sys.argv[1:])
-rank = os.environ.get("RANK", "single")
-torch.save({{"state": model.state_dict(), "batches": seen}},
-           os.path.join(os.environ["TEST_RANKS_DIR"], "rank" + rank + ".pt"))
-"""
-
-needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
-
-
-@pytest.fixture(scope="module")
-def ddp_setup(tmp_path_factory, tiny_text8_shared):
-    root = tmp_path_factory.mktemp("ddp")
-    wrapper = root / "wrapper.py"
-    wrapper.write_text(textwrap.dedent(WRAPPER.format(repo=str(REPO))))
-    train_len = len(np.load(os.path.join(tiny_text8_shared, "text8", "train.npy"), mmap_mode="r"))
-    common = ["d3pm_tiny", f"--data_root_dir={tiny_text8_shared}", "--lr_decay_iters=6", "--eval_interval=3",
-              "--log_interval=2", "--ema_update_after_step=1", "--ema_beta=0.9"]
-
-    def launch(ranks_dir, *args, nproc=2):
-        os.makedirs(ranks_dir, exist_ok=True)
-        env = sub_env()
-        env.update(TEST_RANKS_DIR=str(ranks_dir), TEST_TRAIN_LEN=str(train_len))
-        if nproc:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        else:
-            cmd = [sys.executable]
-        proc = subprocess.run(cmd + [str(wrapper), *common, *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=TIMEOUT)
-        saved = all(os.path.exists(os.path.join(ranks_dir, f"rank{r}.pt"))
-                    for r in (range(nproc) if nproc else ["single"]))
-        if proc.returncode != 0 and saved and EXIT_ABORT in proc.stderr and "done:" in proc.stdout:
-            # every rank finished main() and saved its result, then a rank died in interpreter shutdown:
-            # judged by test_torchrun_exits_cleanly, so that the tests of what was trained still run
-            exit_aborts.append(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-        elif proc.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} ... exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-        return proc
-
-    exit_aborts = []
-    return root, launch, exit_aborts
-
-
-@pytest.fixture(scope="module")
-def ddp_runs(ddp_setup):
-    """6 steps on 2 ranks (torchrun), and the same command as one plain process."""
-    root, launch, _ = ddp_setup
-    launch(root / "ranks", f"--out_dir={root / 'out'}", "--max_iters=6")
-    launch(root / "single_ranks", f"--out_dir={root / 'single_out'}", "--max_iters=6", nproc=0)
-    return root
-
-
-@needs_gloo
-def test_torchrun_two_ranks_cpu(ddp_runs):
-    root = ddp_runs
-    out, ranks, single_ranks = root / "out", root / "ranks", root / "single_ranks"
-    r0, r1 = load(ranks / "rank0.pt"), load(ranks / "rank1.pt")
-    single = load(single_ranks / "ranksingle.pt")
-
-    # gradients are all-reduced: both ranks end with bit-identical weights
-    assert_states_equal(r0["state"], r1["state"], "rank 0 vs rank 1 weights")
-
-    # each rank drew its own training data (6 steps x 1 micro-step)
-    assert len(r0["batches"]) == len(r1["batches"]) == 6
-    assert all(not torch.equal(x0, x1) for x0, x1 in zip(r0["batches"], r1["batches"]))
-    # rank 0 draws the same batches as a single process with the same seed; yet the result differs,
-    # because rank 1's gradients were averaged in
-    assert all(torch.equal(x, y) for x, y in zip(r0["batches"], single["batches"]))
-    assert states_differ(r0["state"], single["state"])
-
-    # rank 0 alone wrote one checkpoint set, atomically
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "last.pt", "log.jsonl"], os.listdir(out)
-    last = load(out / "last.pt")
-    assert last["iter_num"] == 6
-    assert last["total_batch_size"] == 2 * 8
-    assert len(last["rng"]) == 2  # one RNG state per rank
-    assert_states_equal(last["model"], r0["state"], "last.pt vs the trained model")
-
-    records = read_log(out)
-    assert [r["iter"] for r in records if r["split"] == "train"] == [2, 4, 6]
-    assert [r["iter"] for r in records if r["split"] == "val"] == [3, 6]
-    for r in records:
-        assert all(math.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
-
-
-@needs_gloo
-def test_torchrun_resume_is_bit_exact(ddp_setup, ddp_runs):
-    root, launch, _ = ddp_setup
-    straight = ddp_runs / "out"  # 6 steps without interruption
-    split = root / "split"
-    launch(root / "split_ranks_1", f"--out_dir={split}", "--max_iters=3")
-    first = load(split / "last.pt")
-    launch(root / "split_ranks_2", f"--resume={split}", "--max_iters=6")
-    a, b = load(straight / "last.pt"), load(split / "last.pt")
-    assert first["iter_num"] == 3 and a["iter_num"] == b["iter_num"] == 6
-    assert states_differ(first["model"], a["model"])
-    assert_states_equal(a["model"], b["model"], "DDP model after resume")
-    assert_states_equal(a["ema"], b["ema"], "DDP EMA after resume")
-    r = load(root / "split_ranks_2" / "rank1.pt")
-    assert_states_equal(r["state"], b["model"], "rank 1 after resume")
-    # each rank got its own data stream back: rank 1's batches 4..6 are those of the straight run
-    straight_r1 = load(ddp_runs / "ranks" / "rank1.pt")
-    assert len(r["batches"]) == 3
-    assert all(torch.equal(x, y) for x, y in zip(r["batches"], straight_r1["batches"][3:]))
-    assert not tmp_files(split)
-
-
-@needs_gloo
-def test_torchrun_exits_cleanly(ddp_setup, ddp_runs):
-    """Every torchrun above must exit 0. Known intermittent failure: a rank returns from main(), then
-    dies with SIGABRT ("terminate called without an active exception") in interpreter shutdown: a gloo
-    worker thread drops the last reference to a finished all_gather_object / all_reduce work, whose
-    tensors have Python objects, only after finalization began (it cannot take the GIL any more);
-    torchrun then kills the other ranks and exits 1 although training finished. Measured on 2 CPU
-    cores: 9 of 60 resumed launches without a barrier before destroy_process_group(), about 5 of 160
-    with it (train.py's current code)."""
-    _, _, exit_aborts = ddp_setup
-    assert not exit_aborts, ("a rank finished main() and saved its result, then died in interpreter shutdown "
-                             "(gloo worker thread; see this test's docstring):\n" + "\n\n".join(exit_aborts))
-
-
-SIGNAL_PROBE = """
-import signal, sys
-sys.path.insert(0, {repo!r})
-import train
-before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
-train.main(sys.argv[1:])
-after = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
-print("HANDLERS", before == after, after)
-"""
-
-
-def test_main_restores_signal_handlers(tmp_path, tiny_text8):
-    probe = tmp_path / "probe.py"
-    probe.write_text(SIGNAL_PROBE.format(repo=str(REPO)))
-    proc = subprocess.run([sys.executable, str(probe), "d3pm_tiny", "--max_iters=2", f"--data_root_dir={tiny_text8}",
-                           f"--out_dir={tmp_path / 'o'}"], cwd=REPO, env=sub_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr
-    assert "HANDLERS True" in proc.stdout, proc.stdout
-
-
 # ---- 4. command-line errors ---------------------------------------------------------------------
-def assert_one_line_error(proc):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+# train.main raises UserError; the script prints it as one line on stderr (checked on a real child in
+# tests/test_faults.py::test_truncated_split_is_one_line_on_stderr).
+def user_error(*args):
+    with pytest.raises(UserError) as e:
+        run_train(*args)
+    return str(e.value)
 
 
 def test_unknown_config(tmp_path):
-    line = assert_one_line_error(run_train("d3pm_nonexistent", f"--out_dir={tmp_path / 'o'}", check=False))
-    assert "d3pm_nonexistent" in line
-    for name in ("d3pm_text8_cpu", "d3pm_tiny", "d3pm_text8"):
-        assert name in line
+    msg = user_error("d3pm_nonexistent", f"--out_dir={tmp_path / 'o'}")
+    assert "d3pm_nonexistent" in msg
+    for name in ("d3pm_text8_cpu", "d3pm_tiny", "d3pm_text8", "mdlm_tiny", "ar_tiny"):
+        assert name in msg
 
 
 def test_unknown_override_key(tmp_path):
-    line = assert_one_line_error(run_train("d3pm_tiny", "--bogus_key=1", f"--out_dir={tmp_path / 'o'}", check=False))
-    assert "bogus_key" in line
-    for key in ("batch_size", "learning_rate", "max_iters", "data_root_dir", "out_dir", "resume"):
-        assert key in line
+    msg = user_error("d3pm_tiny", "--bogus_key=1", f"--out_dir={tmp_path / 'o'}")
+    assert "bogus_key" in msg
+    for key in ("batch_size", "learning_rate", "max_iters", "data_root_dir", "out_dir", "resume", "n_embed"):
+        assert key in msg
 
 
 @pytest.mark.parametrize("arg,key", [("--batch_size=abc", "batch_size"), ("--learning_rate=fast", "learning_rate"),
-                                     ("--max_iters=2.5", "max_iters"), ("--decay_lr=maybe", "decay_lr")])
+                                     ("--max_iters=2.5", "max_iters"), ("--decay_lr=maybe", "decay_lr"),
+                                     ("--n_embed=wide", "n_embed")])
 def test_wrong_override_type(tmp_path, arg, key):
-    line = assert_one_line_error(run_train("d3pm_tiny", arg, f"--out_dir={tmp_path / 'o'}", check=False))
-    assert key in line
+    assert key in user_error("d3pm_tiny", arg, f"--out_dir={tmp_path / 'o'}")
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
     empty_root = tmp_path / "empty_root"
     empty_root.mkdir()
-    line = assert_one_line_error(run_train("d3pm_tiny", "--dataset=openwebtext", f"--data_root_dir={empty_root}",
-                                           f"--out_dir={tmp_path / 'o'}", check=False))
-    assert "openwebtext" in line and "python data/prepare_openwebtext.py" in line
+    msg = user_error("d3pm_tiny", "--dataset=openwebtext", f"--data_root_dir={empty_root}",
+                     f"--out_dir={tmp_path / 'o'}")
+    assert "openwebtext" in msg and "python data/prepare_openwebtext.py" in msg
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("arg", ["--log_interval=0", "--eval_iters=0"])
+@pytest.mark.parametrize("arg", ["--log_interval=0", "--eval_iters=0", "--gradient_accumulation_steps=0"])
 def test_nonpositive_values_are_user_errors(tmp_path, tiny_text8, arg):
-    assert_one_line_error(run_train("d3pm_tiny", arg, "--max_iters=2", f"--data_root_dir={tiny_text8}",
-                                    f"--out_dir={tmp_path / 'o'}", check=False))
+    assert arg[2:].split("=")[0] in user_error("d3pm_tiny", arg, "--max_iters=2", f"--data_root_dir={tiny_text8}",
+                                                f"--out_dir={tmp_path / 'o'}")
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_empty_directory(tmp_path, tiny_text8):
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    line = assert_one_line_error(run_train("d3pm_tiny", f"--data_root_dir={tiny_text8}", f"--resume={empty}",
-                                           check=False))
-    assert str(empty) in line
+    assert str(empty) in user_error("d3pm_tiny", f"--data_root_dir={tiny_text8}", f"--resume={empty}")
     assert os.listdir(empty) == []
 
 
@@ -431,24 +254,40 @@ def test_resume_corrupt_checkpoint(tmp_path, tiny_text8):
     bad = tmp_path / "bad_run"
     bad.mkdir()
     (bad / "last.pt").write_bytes(b"this is not a torch checkpoint")
-    line = assert_one_line_error(run_train("d3pm_tiny", f"--data_root_dir={tiny_text8}", f"--resume={bad}",
-                                           check=False))
-    assert str(bad) in line
+    assert str(bad) in user_error("d3pm_tiny", f"--data_root_dir={tiny_text8}", f"--resume={bad}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda(tmp_path, tiny_text8):
-    line = assert_one_line_error(run_train("d3pm_tiny", "--device=cuda", f"--data_root_dir={tiny_text8}",
-                                           f"--out_dir={tmp_path / 'o'}", check=False))
-    assert "cuda" in line.lower()
+    msg = user_error("d3pm_tiny", "--device=cuda", f"--data_root_dir={tiny_text8}", f"--out_dir={tmp_path / 'o'}")
+    assert "cuda" in msg.lower()
 
 
-def test_help_lists_configs():
-    proc = run_train("--help")
-    assert proc.returncode == 0
+def test_help_lists_configs(capsys):
+    with pytest.raises(SystemExit) as e:
+        call_main(train, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
     for name in train.CONFIG_NAMES:
-        assert name in proc.stdout
-    assert "d3pm_text8_cpu" in proc.stdout and "--learning_rate" in proc.stdout
+        assert name in out
+    assert "d3pm_text8_cpu" in out and "--learning_rate" in out
+
+
+def test_main_restores_signal_handlers(tmp_path, tiny_text8):
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    run_train("d3pm_tiny", "--max_iters=2", f"--data_root_dir={tiny_text8}", f"--out_dir={tmp_path / 'o'}")
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before
+
+
+def test_collectives_take_registered_buffers():
+    """common.all_reduce / all_gather refuse a tensor that did not come from comm_buffer() (a temporary
+    handed to a gloo collective is what used to abort torchrun runs at exit; see common.py)."""
+    import common
+    with pytest.raises(ValueError, match="comm_buffer"):
+        common.all_reduce(torch.zeros(2))
+    buf = common.comm_buffer(torch.zeros(1))
+    with pytest.raises(ValueError, match="comm_buffer"):
+        common.all_gather([torch.zeros(1)], buf)
 
 
 # ---- 5. learning-rate schedule and optimizer groups ---------------------------------------------
