@@ -67,6 +67,7 @@ target_se = 0.01
 seed = 0
 suite_configs = "d3pm_text8,mdlm_text8,ar_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
 suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
+child_timeout = 900.0  # memory: seconds for each child process (its process group is killed after it)
 judge = ""  # quality: the judge (an AR checkpoint or a GPT-2 name; see judge.py)
 quality_samplers = "ancestral,top_p0.9,confidence,confidence_margin"  # quality: the curves
 quality_calls = "8,16,32,64,128"  # quality: network calls (steps) per point; the exact sampler is added
@@ -207,13 +208,13 @@ def bench_memory(config, dev):
         argv = [sys.executable, os.path.abspath(__file__), config, "--mode=train", f"--loss={impl}", "--steps=1",
                 "--warmup=0", f"--batch_size={batch_size}", f"--seq_len={seq_len}", f"--vocab_size={vocab_size}",
                 f"--device={device}", f"--bf16={bf16}"]
-        out = subprocess.run(argv, capture_output=True, text=True)
-        if out.returncode != 0:
+        rc, out, err = run_child(argv, child_timeout)
+        if rc != 0:
             results[impl] = None
-            print(f"{impl}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})",
-                  file=sys.stderr)
+            why = "timed out" if rc is None else err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
+            print(f"{impl}: failed ({why})", file=sys.stderr)
             continue
-        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[impl] = json.loads(out.strip().splitlines()[-1])
     closed, post = results["closed"], results["posterior"]
     emit({"bench": "memory", "config": config, "device": str(dev),
           "batch_size": closed and closed["batch_size"], "seq_len": closed and closed["seq_len"],
@@ -222,7 +223,9 @@ def bench_memory(config, dev):
           "closed_step_MB": closed and closed["step_mem_MB"], "posterior_step_MB": post and post["step_mem_MB"],
           "closed_tokens_per_s": closed and closed["tokens_per_s"],
           "posterior_tokens_per_s": post and post["tokens_per_s"],
-          "step_mem_ratio": post["step_mem_MB"] / closed["step_mem_MB"] if closed and post else None})
+          "closed_loss": closed and closed["final_loss"], "posterior_loss": post and post["final_loss"],
+          "step_mem_ratio": post["step_mem_MB"] / closed["step_mem_MB"]
+          if closed and post and closed["step_mem_MB"] > 0 else None})  # (tiny shapes can stay within the RSS)
 
 
 def bench_sample(config, dev):

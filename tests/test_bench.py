@@ -1,40 +1,97 @@
-"""bench.py in smoke mode: every benchmark runs on a tiny config and prints well-formed JSON lines.
-No timing assertions: only that the numbers exist and are consistent."""
-import json
-import os
-import subprocess
-import sys
+"""bench.py on a tiny config, on the CPU (also on a machine with CUDA): every benchmark prints well-formed
+JSON lines whose figures are right, checked against quantities recomputed here (parameter and FLOP
+counts, network calls of the sampler, the estimators' spread) and against each other (the closed-form
+and the posterior-tensor loss of the memory mode are the same number). No timing assertions.
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+bench.main runs in this process (conftest.call_main); the memory mode starts its own two children
+(each with a timeout), and one bad option runs `python bench.py` for the one-line error contract."""
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+import bench
+import configs
+from conftest import assert_one_line_error, call_main, run_script
 
 
 def run_bench(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "bench.py", "d3pm_tiny", *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        call_main(bench, ["d3pm_tiny", "--device=cpu", *args])
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
 
 
-def test_bench_all_modes_emit_json():
-    records = run_bench("--steps=2", "--warmup=1", "--eval_batches=4", "--eval_batch_size=4")
-    by_name = {r["bench"]: r for r in records}
-    assert set(by_name) == {"train", "sample", "eval"}
-    train = by_name["train"]
-    assert train["tokens_per_s"] > 0 and train["peak_mem_MB"] > 0 and train["mfu"] is None  # CPU: no MFU
-    assert train["flops_per_token"] > 6 * train["params_M"] * 1e6
-    sample = by_name["sample"]
-    assert sample["plain_calls"] == sample["T"] and 0 < sample["fast_calls"] <= sample["T"]
-    ev = by_name["eval"]
-    assert ev["stratified_calls_for_target"] > 0 and ev["plain_calls_for_target"] > 0
+@pytest.fixture(scope="module")
+def records():
+    return {r["bench"]: r for r in run_bench("--steps=2", "--warmup=1", "--eval_batches=8", "--eval_batch_size=8",
+                                             "--sample_batch=3", "--target_se=0.05")}
 
 
-def test_bench_memory_compares_two_losses():
+def tiny_model():
+    torch.manual_seed(0)  # what bench.build does with the default --seed=0
+    cls, model_args, training_args = configs.d3pm_tiny()
+    return cls(**model_args), model_args, training_args
+
+
+def test_bench_all_modes_emit_json(records):
+    assert set(records) == {"train", "sample", "eval"}
+
+
+def test_train_figures(records):
+    """Parameter count, K, FLOPs per token (6 N + 12 n_blocks n_embed L) from the model and config built
+    here; tokens/s consistent with ms/step; CPU: no MFU."""
+    train = records["train"]
+    model, model_args, training_args = tiny_model()
+    B, L = training_args["batch_size"], training_args["seq_len"]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert (train["batch_size"], train["seq_len"], train["K"]) == (B, L, model_args["vocab_size"] + 1)
+    assert train["params_M"] == pytest.approx(n_params / 1e6, rel=1e-12)
+    assert train["flops_per_token"] == 6 * n_params + 12 * model_args["n_blocks"] * model_args["n_embed"] * L
+    assert train["tokens_per_s"] == pytest.approx(B * L / (train["ms_per_step"] / 1000), rel=1e-9)
+    assert train["device"] == "cpu" and train["mfu"] is None and not train["compile"] and not train["bf16"]
+    assert train["peak_mem_MB"] > 0 and math.isfinite(train["final_loss"]) and train["final_loss"] > 0
+
+
+def test_sample_figures(records):
+    """The plain sampler calls the network T times; the fast one as often as the model's own sampler does
+    with the same seed (recomputed here), i.e. once per distinct unmasking time, at most T."""
+    sample = records["sample"]
+    model, model_args, _ = tiny_model()
+    model.eval()
+    x = torch.full((3, sample["seq_len"]), model.mask_id)
+    _, calls = model.sample(x, generator=torch.Generator().manual_seed(0), cache=True)
+    assert sample["T"] == model_args["T"] and sample["plain_calls"] == model_args["T"]
+    assert sample["fast_calls"] == calls and 0 < calls < model_args["T"]
+    assert sample["speedup"] == pytest.approx(sample["plain_seconds"] / sample["fast_seconds"], rel=1e-9)
+
+
+def test_eval_figures(records):
+    """Both estimators estimate the same bound on the same batches: their means agree within their
+    standard errors; the calls needed for the target standard error follow from each spread."""
+    ev = records["eval"]
+    n = ev["batches"]
+    se = math.hypot(ev["stratified_batch_std"], ev["plain_batch_std"]) / math.sqrt(n)
+    assert abs(ev["stratified_bpt"] - ev["plain_bpt"]) < 4 * se, ev
+    for name in ("stratified", "plain"):
+        assert ev[f"{name}_calls_for_target"] == math.ceil((ev[f"{name}_batch_std"] / ev["target_se_bits"]) ** 2)
+    assert ev["call_ratio"] == ev["plain_calls_for_target"] / ev["stratified_calls_for_target"]
+
+
+def test_bench_memory_closed_form_equals_posterior_loss():
+    """The memory mode's two children train one step on the same data and times with the closed-form loss
+    and with full (B, L, K) posterior tensors: the two losses must be the same number (a posterior
+    formula that disagreed with d3pm.py, or children that drew different batches, would not be)."""
     (rec,) = run_bench("--mode=memory", "--vocab_size=2000", "--batch_size=2", "--seq_len=16")
-    assert rec["K"] == 2001
-    assert rec["closed_step_MB"] is not None and rec["posterior_step_MB"] is not None
+    assert rec["K"] == 2001 and rec["batch_size"] == 2 and rec["seq_len"] == 16
+    assert rec["closed_loss"] is not None and rec["posterior_loss"] is not None
+    assert rec["posterior_loss"] == pytest.approx(rec["closed_loss"], rel=1e-5)
+    if rec["closed_step_MB"] > 0:
+        assert rec["step_mem_ratio"] == pytest.approx(rec["posterior_step_MB"] / rec["closed_step_MB"])
 
 
 def test_bench_bad_option_is_one_line():
-    out = subprocess.run([sys.executable, "bench.py", "--nope=1"], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert_one_line_error(run_script(["bench.py", "--nope=1"]), "nope")
