@@ -1,23 +1,32 @@
 """The whole BPE path without network: a hand-built tiktoken.Encoding, a local .jsonl corpus,
-prepare -> train a few steps -> evaluate -> sample (with infilling), all through the CLIs."""
+prepare -> train a few steps -> evaluate -> sample (with infilling), all through the scripts' main(argv)
+in this process (conftest.call_main; the scripts as children are tested elsewhere)."""
+import contextlib
+import io
 import json
-import os
 import pickle
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 
-from conftest import REPO_ROOT
+import evaluate
+import sample
+import train
+from conftest import call_main
+from data import prepare_openwebtext
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 WORDS = "the cat sat on a mat and then there was another thin thing in her hand".split()
+SCRIPTS = {"data/prepare_openwebtext.py": prepare_openwebtext, "train.py": train, "evaluate.py": evaluate,
+           "sample.py": sample}
 
 
-def run(*cmd):
-    out = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out
+def run(script, *args):
+    """SCRIPT's main(ARGS) in this process; returns an object with its stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = call_main(SCRIPTS[script], args)
+    assert not isinstance(code, int) or code == 0, f"{script} returned {code}"  # (prepare returns its exit code)
+    return SimpleNamespace(stdout=out.getvalue())
 
 
 def test_prepare_train_evaluate_sample_with_a_custom_bpe(tmp_path, tiny_bpe):
@@ -47,24 +56,25 @@ def test_prepare_train_evaluate_sample_with_a_custom_bpe(tmp_path, tiny_bpe):
 
     # train: the model takes its vocabulary from the dataset
     run_dir = tmp_path / "run"
-    run("train.py", "d3pm_tiny", "--dataset=mine", f"--data_root_dir={data_root}", f"--out_dir={run_dir}",
-        "--max_iters=4", "--eval_interval=2", "--seq_len=32", "--batch_size=4")
+    run("train.py", "d3pm_tiny", "--device=cpu", "--dataset=mine", f"--data_root_dir={data_root}",
+        f"--out_dir={run_dir}", "--max_iters=4", "--eval_interval=2", "--seq_len=32", "--batch_size=4")
     ckpt = run_dir / "ckpt.pt"
     import torch
     assert torch.load(ckpt, weights_only=True)["model_args"]["vocab_size"] == tiny_bpe.n_vocab
 
-    result = json.loads(run("evaluate.py", str(ckpt), "--data_dir", str(data_root / "mine"), "--split", "val",
+    mine = str(data_root / "mine")
+    result = json.loads(run("evaluate.py", str(ckpt), "--device", "cpu", "--data_dir", mine, "--split", "val",
                             "--seq_len", "32", "--batch_size", "4", "--max_batches", "3", "--json").stdout)
     assert result["network_calls"] == 3 and result["bpt"] > 0
 
-    out = json.loads(run("sample.py", str(ckpt), "--data_dir", str(data_root / "mine"), "--seq_len", "24",
+    out = json.loads(run("sample.py", str(ckpt), "--device", "cpu", "--data_dir", mine, "--seq_len", "24",
                          "--batch_size", "2", "--json").stdout)
     for ids, text in zip(out["ids"], out["samples"]):
         assert len(ids) == 24 and max(ids) < tiny_bpe.n_vocab
         assert text == tiny_bpe.decode(ids)
 
     template = "the cat \u2588\u2588\u2588\u2588 on the mat"
-    out = json.loads(run("sample.py", str(ckpt), "--data_dir", str(data_root / "mine"), "--infill", template,
+    out = json.loads(run("sample.py", str(ckpt), "--device", "cpu", "--data_dir", mine, "--infill", template,
                          "--json").stdout)
     ids = out["ids"][0]
     head, tail = tiny_bpe.encode_ordinary("the cat "), tiny_bpe.encode_ordinary(" on the mat")
