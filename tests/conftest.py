@@ -104,12 +104,45 @@ def script_env(**extra):
     return env
 
 
+def descendants(pid):
+    """The processes below pid (Linux /proc; [] elsewhere or once pid is gone)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                found += kids
+                todo += kids
+        except OSError:
+            pass
+    return found
+
+
 def kill_group(proc):
-    """SIGKILL every process of proc's process group (proc was started with start_new_session=True)."""
+    """SIGKILL proc's process group (proc was started with start_new_session=True) and every process below
+    proc with its own group: torchrun starts each worker in a session of its own, so killing torchrun's
+    group alone would leave the workers training."""
+    mine = os.getpgrp()
+    for pid in descendants(proc.pid):
+        for kill, target in ((os.killpg, _pgid(pid)), (os.kill, pid)):
+            if target is not None and target != mine:
+                try:
+                    kill(target, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _pgid(pid):
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 @contextlib.contextmanager
