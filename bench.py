@@ -24,6 +24,8 @@ Modes:
           random times), from the spread of --eval_batches per-batch estimates of each.
   quality sample quality against network calls: every sampler of --quality_samplers at each of
           --quality_calls steps, and the exact sampler, scored by --judge (see bench_quality); --plot.
+  backbone our DiTBlock vs a reference block with nanoDD's attention layout (bench_backbone): step
+          memory (one step, fresh process) and tokens/s (--steps), each in fresh processes, with ratios.
   suite   everything only a GPU can show, in one command with a deadline (see bench_suite): each family
           of --suite_configs at its published size with torch.compile and bf16 on and off, a 1-process
           torchrun (NCCL) training run, sampling speed. One JSON line each; failures are JSON lines too.
@@ -73,6 +75,7 @@ quality_samplers = "ancestral,top_p0.9,confidence,confidence_margin"  # quality:
 quality_calls = "8,16,32,64,128"  # quality: network calls (steps) per point; the exact sampler is added
 quality_samples = 32  # quality: sequences per point
 plot = ""  # quality: also draw the curve to this picture (needs matplotlib)
+layout = ""  # backbone: set in the mode's children ("ours" or "reference"), not by hand
 # -------------------------------------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -433,13 +436,78 @@ def plot_quality(points, out, title):
     plt.close(fig)
 
 
+def bench_backbone(config, dev):
+    """One training step of our DiTBlock ("ours") against a reference written here with the original nanoDD
+    attention layout: rotate the contiguous (B, L, 3, H, d) qkv in one op, with cos, sin = 1, 0 on v, then
+    permute it to (3, B, H, L, d) for SDPA (same parameters and outputs, same loss to the bit).
+    step_MB is --mode=train's step_mem_MB of a one-step fresh process; on CPU that process runs with
+    MALLOC_MMAP_THRESHOLD_=65536 so that glibc hands freed tensors back at once and the peak RSS follows
+    the live tensors (with glibc's moving threshold it wanders by +-20% between identical runs).
+    tokens_per_s is the best of 3 alternating fresh processes per layout (--warmup, --steps)."""
+    if layout:  # a child: patch the reference in, then the ordinary train bench
+        if layout == "reference":
+            import model as M
+
+            def forward(self, x, cond, cos, sin, mask=None, cache=None, store=True, index=0):
+                assert mask is None and cache is None and not self.causal, "reference: training only"
+                B, L, n = x.shape
+                shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+                    self.adaLN_modulation(cond)[:, None, :].chunk(6, dim=-1)
+                qkv = self.attn_qkv(M.modulate(self.norm1(x), shift_msa, scale_msa))
+                cos3 = torch.stack([cos, cos, torch.ones_like(cos)], dim=2)  # (1, L, 3, 1, d)
+                sin3 = torch.stack([sin, sin, torch.zeros_like(sin)], dim=2)
+                qkv = M.apply_rotary(qkv.view(B, L, 3, self.n_heads, n // self.n_heads), cos3, sin3)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+                h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, n)
+                x = x + gate_msa * self.dropout(self.attn_out(h))
+                return x + gate_mlp * self.dropout(self.mlp(M.modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+            M.DiTBlock.forward = forward
+        return bench_train(config, dev)
+    argv = [sys.executable, os.path.abspath(__file__), config, "--mode=backbone", f"--batch_size={batch_size}",
+            f"--seq_len={seq_len}", f"--vocab_size={vocab_size}", f"--device={device}", f"--bf16={bf16}",
+            f"--compile={compile}", f"--seed={seed}"]
+    mem, speed = {}, {"ours": [], "reference": []}
+    for i in range(4):  # round 0: memory (one step); rounds 1-3: speed, alternating
+        for name in speed:
+            more = ["--steps=1", "--warmup=0"] if i == 0 else [f"--steps={steps}", f"--warmup={warmup}"]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if i == 0 else None
+            try:
+                out = subprocess.run(argv + [f"--layout={name}"] + more, capture_output=True, text=True, env=env,
+                                     timeout=600)
+            except subprocess.TimeoutExpired:
+                print(f"backbone {name}: timed out after 600 s", file=sys.stderr)
+                continue
+            if out.returncode != 0:
+                print(f"backbone {name}: failed ({(out.stderr.strip().splitlines() or [out.returncode])[-1]})",
+                      file=sys.stderr)
+                continue
+            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            if i == 0:
+                mem[name] = rec
+            else:
+                speed[name].append(rec["tokens_per_s"])
+    ours, ref = mem.get("ours"), mem.get("reference")
+    result = {"bench": "backbone", "config": config, "device": str(dev), "batch_size": ours and ours["batch_size"],
+              "seq_len": ours and ours["seq_len"], "K": ours and ours["K"]}
+    for name in speed:
+        rec = mem.get(name)
+        result.update({f"{name}_step_MB": rec and rec["step_mem_MB"], f"{name}_peak_MB": rec and rec["peak_mem_MB"],
+                       f"{name}_tokens_per_s": max(speed[name], default=None)})
+    result["step_mem_ratio"] = ours["step_mem_MB"] / ref["step_mem_MB"] if ours and ref else None
+    result["speed_ratio"] = (result["ours_tokens_per_s"] / result["reference_tokens_per_s"]
+                             if speed["ours"] and speed["reference"] else None)
+    result["same_loss"] = ours["final_loss"] == ref["final_loss"] if ours and ref else None
+    emit(result)
+
+
 def main(argv):
     config = parse(argv)
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     runs = {"train": bench_train, "memory": bench_memory, "sample": bench_sample, "eval": bench_eval,
-            "suite": bench_suite, "quality": bench_quality}
+            "suite": bench_suite, "quality": bench_quality, "backbone": bench_backbone}
     if mode != "all" and mode not in runs:
         raise UserError(f"--mode={mode}: expected one of all, " + ", ".join(runs))
     for name in (["train", "sample", "eval"] if mode == "all" else [mode]):
