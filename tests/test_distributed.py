@@ -9,6 +9,7 @@ batches) in a process group of its own with a timeout (conftest.run_script). The
 shared: one straight 2-rank run (A) serves the accumulation, data, checkpoint and restart tests; a
 1-process run (S) in this process serves the single-process and 1 -> 2 tests.
 """
+import functools
 import json
 import math
 import os
@@ -71,8 +72,9 @@ def tiny_model():
     return configs.d3pm_tiny()[0](**{**configs.d3pm_tiny()[1], "dropout": 0.0})
 
 
+@functools.lru_cache(maxsize=None)
 def names():
-    return [n for n, _ in tiny_model().named_parameters()]
+    return tuple(n for n, _ in tiny_model().named_parameters())
 
 
 def as_list(state):
