@@ -81,8 +81,9 @@ class MDLM(nn.Module):
         return logits
 
     def q_sample(self, x0, t, generator=None):
-        """x_t ~ q(x_t | x_0): mask each token independently w.p. 1 - alpha(t). t: (B,) float."""
-        keep = self.alpha(t).to(x0.device)[:, None]
+        """x_t ~ q(x_t | x_0): mask each token independently w.p. 1 - alpha(t). t: (B,) or per token (B, L)."""
+        keep = self.alpha(t).to(x0.device)
+        keep = keep[:, None] if keep.dim() == 1 else keep
         u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         return torch.where(u < keep, x0, torch.full_like(x0, self.mask_id))
 
@@ -166,11 +167,16 @@ class MDLM(nn.Module):
         opts: temperature, top_k, top_p (sampling.draw; the defaults keep the sampler exact).
         sampler="confidence": sampling.confidence_decode in `steps` calls (default L) at t = (S - j)/S,
         with opts score and schedule too. Returns (samples, network calls)."""
+        return self.denoise(self.logits, x, steps, generator, callback, cache, sampler, **opts)
+
+    def denoise(self, logits_fn, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral",
+                whole_batch=False, **opts):
+        """sample() with logits_fn(x_t, t) for the network (bd3lm.py denoises one block with it)."""
         B, L = x.shape
         if sampler == "confidence":
             S = steps or L
             times = [(S - j) / S for j in range(S)]
-            return confidence_decode(self.logits, x, times, self.mask_id, generator, callback, **opts)
+            return confidence_decode(logits_fn, x, times, self.mask_id, generator, callback, **opts)
         if sampler != "ancestral":
             raise ValueError(f"unknown sampler {sampler!r} (ancestral or confidence)")
         dev = x.device
@@ -185,7 +191,7 @@ class MDLM(nn.Module):
             tau = j.double() / steps
             every_step = None if cache else grid[1:].flip(0)
         u = torch.rand((B, L), dtype=torch.float64, device=dev, generator=generator)
-        return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step, **opts)
+        return unmask_at_event_times(logits_fn, x, tau, u, self.mask_id, callback, every_step, whole_batch, **opts)
 
 
 def beta_sample(a, b, generator):

@@ -10,8 +10,8 @@ The Diffusion Transformer (DiT) that predicts clean tokens from a partly masked 
         h = h + gate_mlp * MLP(modulate(LN(h), shift_mlp, scale_mlp))
     logits = modulate(LN(h), shift, scale) @ vocab_embed.T   (B, L, K), tied weights
 
-Options for the other model families: causal=True (ar.py), an explicit attention mask and rotary
-positions (block diffusion), and a KVCache of earlier positions' keys/values for left-to-right sampling.
+Options for the other model families: causal=True (ar.py), an explicit attention mask (a bool tensor
+for SDPA, or a FlexAttention BlockMask) and rotary positions (block diffusion), and a KVCache of earlier positions' keys/values for left-to-right sampling.
 
 Module and parameter names give exactly the state-dict keys of the published nanoDD
 checkpoints (see ../shared/reference/nanodd-compat.md, sections 2-3).
@@ -21,6 +21,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:
+    BlockMask = flex_attention = None
 
 
 def modulate(x, shift, scale):
@@ -140,7 +145,10 @@ class DiTBlock(nn.Module):
         if self.causal and mask is None and k.shape[2] != L:  # new queries after cached keys
             mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(k.shape[2] - L, k.shape[2],
                                                                              device=x.device)[:, None]
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        if BlockMask is not None and isinstance(mask, BlockMask):  # bd3lm.py on CUDA
+            h = flex_attention(q, k, v, block_mask=mask)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
         h = h.transpose(1, 2).reshape(B, L, n)
         x = x + gate_msa * self.dropout(self.attn_out(h))
 
@@ -167,11 +175,12 @@ class DiT(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
         self.bf16 = True  # bfloat16 autocast on CUDA (set False for float32/TF32)
 
-    def forward(self, x, t, mask=None, positions=None, cache=None, store=True):
+    def forward(self, x, t, mask=None, positions=None, cache=None, store=True, outputs=None):
         """x: (B, L) long, t: (B,) time (float). Returns float32 logits (B, L, K).
-        mask: (L, L_keys) bool attention mask, True = may attend (default: full, or causal); positions: (L,)
-        rotary positions (default 0..L-1 after the cached ones); cache: a KVCache to attend to and, with
-        store=True, to extend with this call's keys/values."""
+        mask: (L, L_keys) bool attention mask, True = may attend (default: full, or causal), or a FlexAttention
+        BlockMask; positions: (L,) rotary positions (default 0..L-1 after the cached ones); cache: a KVCache to
+        attend to and, with store=True, to extend with this call's keys/values; outputs: a slice of the
+        positions to compute logits for (default all)."""
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.bf16 and x.device.type == "cuda"):
             h = self.vocab_embed(x)
             cond = self.c_embed(t)
@@ -181,6 +190,8 @@ class DiT(nn.Module):
             cos, sin = self.rotary_emb(positions)
             for i, block in enumerate(self.blocks):
                 h = block(h, cond, cos, sin, mask, cache, store, i)
+            if outputs is not None:
+                h = h[:, outputs]
             shift, scale = self.adaLN_modulation(cond)[:, None, :].chunk(2, dim=-1)
             h = modulate(self.norm_final(h), shift, scale)
             logits = h @ self.vocab_embed.weight.t()

@@ -43,7 +43,8 @@ def draw(logits, generator=None, u=None, temperature=1.0, top_k=0, top_p=1.0):
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
-def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=None, **draw_opts):
+def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=None, whole_batch=False,
+                          **draw_opts):
     """Run a masked-diffusion reverse process whose unmask times and draws are fixed in advance.
 
     tau (B, L) > 0: the time at which each masked position of x unmasks, going down from the top; u (B, L):
@@ -52,7 +53,9 @@ def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=Non
     drawing every position that unmasks at t from p(x_0 | x_t). Times where nothing unmasks change nothing
     and cost nothing. grid (descending times): the plain loop instead, one call at every grid time for
     every row; since the draws are fixed in advance, it gives the same samples.
-    Given tokens are never changed. Returns (x, network calls)."""
+    whole_batch=True: every call gets all rows (rows without an event at time 0, their outputs unused), for a
+    logits_fn whose state is per batch (bd3lm.py's KV cache). Given tokens are never changed.
+    Returns (x, network calls)."""
     x = x.clone()
     pending = torch.where(x == mask_id, tau, torch.zeros_like(tau))  # 0: nothing to do
     calls = 0
@@ -67,7 +70,7 @@ def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=Non
         if rows.numel() == 0:
             return x, calls
         xr, pr, tr = x[rows], pending[rows], t_row[rows]
-        logits = logits_fn(xr, tr)
+        logits = logits_fn(x, t_row)[rows] if whole_batch else logits_fn(xr, tr)
         now = pr == tr[:, None]
         xr[now] = draw(logits[now], u=u[rows][now], **draw_opts)
         x[rows], pending[rows] = xr, torch.where(now, torch.zeros_like(pr), pr)
