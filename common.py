@@ -130,9 +130,10 @@ EMA_PREFIX = "ema_model."
 def model_classes():
     """Every model class a checkpoint can name (model_cls), by class name."""
     from ar import AR
+    from bd3lm import BD3LM
     from d3pm import D3PMAbsorbing
     from mdlm import MDLM
-    return {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR)}
+    return {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM)}
 
 
 def atomic_save(obj, path):

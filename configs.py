@@ -3,12 +3,14 @@ Named configurations. Each function returns (model_cls, model_args, training_arg
 model_args are the model class's keyword arguments (stored in checkpoints), training_args
 override the globals at the top of train.py. Pick one with `python train.py NAME`.
 
-The masked (mdlm_*) and autoregressive (ar_*) configs use exactly the network, data, batch, learning-rate
-schedule and steps of the D3PM config of the same name, so the three families are compared at equal budget.
+The masked (mdlm_*), autoregressive (ar_*) and block-diffusion (bd3lm_*) configs use exactly the network, data,
+batch, learning-rate schedule and steps of the D3PM config of the same name, so the families are compared at
+equal budget. Override model arguments on the command line, e.g. `python train.py bd3lm_text8 --block_size=16`.
 """
 import inspect
 
 from ar import AR
+from bd3lm import BD3LM
 from d3pm import D3PMAbsorbing
 from mdlm import MDLM
 
@@ -96,6 +98,12 @@ def _masked(d3pm_config):
                       t_eps=1e-3), training_args
 
 
+def _block(d3pm_config):
+    _, model_args, training_args = d3pm_config()
+    return BD3LM, dict(_network_args(model_args), block_size=4, schedule="linear", antithetic=True, t_eps=1e-3,
+                       t_min=0.0, t_max=1.0), training_args
+
+
 def _autoregressive(d3pm_config):
     _, model_args, training_args = d3pm_config()
     return AR, _network_args(model_args), training_args
@@ -139,6 +147,26 @@ def ar_text8_cpu():
 def ar_tiny():
     """A toy autoregressive model for tests and smoke runs."""
     return _autoregressive(d3pm_tiny)
+
+
+def bd3lm_text8():
+    """Block diffusion (BD3-LM), blocks of 4 (8, 16: --block_size=N), at d3pm_text8's size and budget."""
+    return _block(d3pm_text8)
+
+
+def bd3lm_openwebtext_8gpu():
+    """Block diffusion, blocks of 4 (8, 16: --block_size=N), at d3pm_openwebtext_8gpu's size and budget."""
+    return _block(d3pm_openwebtext_8gpu)
+
+
+def bd3lm_text8_cpu():
+    """Block diffusion with exactly d3pm_text8_cpu's network, data, batch, schedule and steps."""
+    return _block(d3pm_text8_cpu)
+
+
+def bd3lm_tiny():
+    """A toy block-diffusion model for tests and smoke runs."""
+    return _block(d3pm_tiny)
 
 
 NAMES = [name for name, f in list(globals().items())
