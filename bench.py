@@ -18,7 +18,9 @@ Modes:
           (B, L, K) posterior tensors, each in a fresh process; step_mem is the peak minus what was
           in use before the step (model, optimizer state not yet allocated, data).
   sample  tokens/s and network calls of the model's sampler (first-hitting / KV cache) vs the same
-          sampler calling the network at every step (cache=False; identical samples).
+          sampler calling the network at every step, or block diffusion re-reading its history at every call
+          (cache=False; identical samples, checked: "identical"). --seq_len beyond the training length works
+          for block diffusion (the context slides).
   eval    network calls needed to reach --target_se with evaluate.py's stratified estimator
           (model.batch_bound) vs the training-time estimate (forward's metrics["bound"], independent
           random times), from the spread of --eval_batches per-batch estimates of each.
@@ -67,7 +69,7 @@ eval_batches = 30
 eval_batch_size = 32
 target_se = 0.01
 seed = 0
-suite_configs = "d3pm_text8,mdlm_text8,ar_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
+suite_configs = "d3pm_text8,mdlm_text8,ar_text8,bd3lm_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
 suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
 child_timeout = 900.0  # memory: seconds for each child process (its process group is killed after it)
 judge = ""  # quality: the judge (an AR checkpoint or a GPT-2 name; see judge.py)
@@ -237,17 +239,21 @@ def bench_sample(config, dev):
     model, _, _, L = build(config, dev)
     model.eval()
     x = torch.full((sample_batch, L), model.mask_id, device=dev)
+    trained = (model.checkpoint_meta if ckpt else {"training_args": getattr(configs, config)()[2]})["training_args"]
+    opts = dict(window=trained["seq_len"]) if getattr(model, "any_length", False) else {}  # block diffusion
     result = {"bench": "sample", "config": config, "model": type(model).__name__, "device": str(dev),
-              "batch": sample_batch, "seq_len": L, "T": model.T, "compile": False}
+              "batch": sample_batch, "seq_len": L, "T": model.T, "compile": False, **opts}
     for name, cache in (("fast", True), ("plain", False)):
         gen = torch.Generator(device=dev).manual_seed(seed)
         sync(dev)
         t0 = time.time()
-        _, calls = model.sample(x, generator=gen, cache=cache)
+        samples, calls = model.sample(x, generator=gen, cache=cache, **opts)
         sync(dev)
         dt = time.time() - t0
         result.update({f"{name}_seconds": dt, f"{name}_calls": calls, f"{name}_seq_per_s": sample_batch / dt,
                        f"{name}_tokens_per_s": sample_batch * L / dt})
+        result[f"{name}_samples"] = samples
+    result["identical"] = bool((result.pop("fast_samples") == result.pop("plain_samples")).all())
     result["speedup"] = result["plain_seconds"] / result["fast_seconds"]
     emit(result)
 

@@ -4,6 +4,7 @@ Estimate a model's own bound on the negative log-likelihood of a data split, in 
     D3PM (d3pm.py)   the T-step bound L_T = sum_{t=1}^{T-1} E[kl_t] + E[ce_0]
     MDLM (mdlm.py)   the continuous-time NELBO over all of [0, 1] (or, with --T N, its N-step bound)
     AR (ar.py)       the exact negative log-likelihood (every window pays for all its tokens)
+    BD3LM (bd3lm.py) the sum over blocks of each block's continuous NELBO given the clean blocks before it
 
     python evaluate.py out/d3pm_text8_cpu/ckpt.pt --split test
     python evaluate.py out/mdlm_text8_cpu/ckpt.pt --split test --T 64

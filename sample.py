@@ -1,6 +1,7 @@
 """
 Sample from a trained model: the diffusion models start from all-mask sequences and unmask them,
-the autoregressive model writes left to right (prompts only, no infill).
+the autoregressive model writes left to right (prompts only, no infill), the block-diffusion model
+unmasks one block after the other, left to right.
 
     python sample.py out/d3pm_text8_cpu/ckpt.pt
     python sample.py rupspace/nanoDD-D3PM-text8 --batch_size 4 --seed 1
@@ -8,12 +9,18 @@ the autoregressive model writes left to right (prompts only, no infill).
     python sample.py CKPT --infill "the ??????? of life is ????? and"
     python sample.py CKPT --sampler confidence --steps 32 --top_p 0.9   # MaskGIT-style, 32 calls, nucleus
     python sample.py CKPT --length 1024 --prompt "the"                  # beyond the training length
+    python sample.py BD3LM_CKPT --length 512 --no_kv_cache               # block diffusion without its cache
 
 By default each model's exact sampler runs. For the D3PM: the same output distribution as the T-step
 ancestral sampler, but the network is called only at the steps where some position unmasks (about
 226 of 1000 for 256 tokens). For the continuous-time masked model: the continuous process itself
 (positions unmask one at a time, in a random order). --steps N samples on an N-step grid instead,
-calling the network only at the steps where something unmasks.
+calling the network only at the steps where something unmasks. Block diffusion runs the masked
+model's sampler inside each block, with a KV cache of the finished blocks.
+
+--length N: the block-diffusion model simply goes on for N tokens (the context slides beyond its
+training length, block by block); the other models generate window after window, each new window
+starting with the end of the previous one (--keep tokens of it).
 
 Infilling: in the template each placeholder stands for one generated token and every other
 character/token is kept as given. The placeholder is the mask glyph \u2588; for text8, `?` works too.
@@ -192,6 +199,8 @@ def main(argv=None):
     p.add_argument("--keep", type=int, default=0, help="--length: tokens of context each new window keeps "
                    "(default half the window)")
     p.add_argument("--stop_at_eos", action="store_true", help="BPE: cut each sample at its first end-of-text")
+    p.add_argument("--no_kv_cache", dest="cache", action="store_false", help="for comparison: block diffusion "
+                   "re-reads the history at every call, the other models call the network at every step")
     p.add_argument("--out", default=None, help="also write the samples to this file (JSON lines: text, ids), "
                    "for evaluate.py --samples")
     p.add_argument("--json", action="store_true", help="print one JSON object with samples and timings")
@@ -218,7 +227,10 @@ def main(argv=None):
             raise UserError("--stop_at_eos applies to BPE models (a character model has no end-of-text token)")
         stop_id = codec.bpe.eot_token
     opts = dict(steps=args.steps, sampler=args.sampler, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p)
+                top_p=args.top_p, cache=args.cache)
+    any_length = getattr(model, "any_length", False)  # block diffusion: sample() takes any length itself
+    if any_length:
+        opts.update(window=seq_len, stop_id=stop_id)
     if args.sampler == "confidence":
         opts.update(score=args.confidence, schedule=args.schedule)
 
@@ -230,7 +242,11 @@ def main(argv=None):
 
     t0 = time.time()
     try:
-        if args.length:
+        if args.length and any_length:
+            prompt = codec.encode(args.prompt) if args.prompt is not None else []
+            x = torch.tensor([prompt + [codec.mask_id] * args.length] * args.batch_size, dtype=torch.long)
+            samples, calls = sample_window(x.to(dev))
+        elif args.length:
             prompt = codec.encode(args.prompt) if args.prompt is not None else []
             prefix = torch.tensor([prompt] * args.batch_size, dtype=torch.long)
             keep = args.keep or seq_len // 2
