@@ -1,4 +1,4 @@
-"""The scripts work for every model family through one interface: train.py trains MDLM and AR configs
+"""The scripts work for every model family through one interface: train.py trains MDLM, AR and BD3LM configs
 (with model-arg overrides, and resumes them without a config name), evaluate.py scores each model's own
 bound (and --T for the continuous-time model), sample.py samples each (prompts; infill where the model
 can), bench.py's suite keeps its deadline. Training runs are subprocesses; evaluate/sample run in-process."""
@@ -39,12 +39,14 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_text8_shared):
-    """6 steps of ar_tiny, and of mdlm_tiny with time conditioning and the cosine schedule (model-arg
-    overrides), then the MDLM run resumed to 8 steps with --resume alone (no config name)."""
+    """6 steps of ar_tiny, of mdlm_tiny with time conditioning and the cosine schedule (model-arg
+    overrides) and of bd3lm_tiny with blocks of 8, then the MDLM run resumed to 8 steps with --resume alone
+    (no config name)."""
     root = tmp_path_factory.mktemp("families")
     common_args = [f"--data_root_dir={tiny_text8_shared}", "--max_iters=6", "--eval_interval=3"]
-    dirs = {"ar": root / "ar", "mdlm": root / "mdlm"}
-    for name, extra in (("ar", ["ar_tiny"]), ("mdlm", ["mdlm_tiny", "--time_conditioning=True", "--schedule=cosine"])):
+    dirs = {"ar": root / "ar", "mdlm": root / "mdlm", "bd3lm": root / "bd3lm"}
+    for name, extra in (("ar", ["ar_tiny"]), ("mdlm", ["mdlm_tiny", "--time_conditioning=True", "--schedule=cosine"]),
+                        ("bd3lm", ["bd3lm_tiny", "--block_size=8"])):
         rc, out, err = run("train.py", *extra, *common_args, f"--out_dir={dirs[name]}")
         assert rc == 0, err
     rc, out, err = run("train.py", f"--resume={dirs['mdlm']}", "--max_iters=8", f"--data_root_dir={tiny_text8_shared}")
@@ -60,6 +62,8 @@ def test_checkpoints_name_their_class_and_overrides(runs):
     assert md["iter_num"] == 8 and "resuming from" in runs["resumed_stdout"] and "MDLM" in runs["resumed_stdout"]
     model = common.load_checkpoint(str(runs["dirs"]["mdlm"] / "last.pt"))
     assert type(model).__name__ == "MDLM" and model.time_conditioning and model.schedule == "cosine"
+    bd = common.load_checkpoint(str(runs["dirs"]["bd3lm"] / "last.pt"))
+    assert type(bd).__name__ == "BD3LM" and bd.block_size == 8
     from d3pm import load_checkpoint  # the original entry point loads every class
     assert type(load_checkpoint(str(runs["dirs"]["ar"] / "ckpt.pt"))).__name__ == "AR"
 
@@ -78,6 +82,10 @@ def test_evaluate_each_family(runs, capsys):
     assert md["bound"] == "continuous NELBO" and 1.0 < md["bpt"] < 10 and md["se"] > 0
     md16 = evaluate_json(capsys, runs["dirs"]["mdlm"], "--data_dir", d, "--split", "val", "--T", "16")
     assert md16["bound"] == "16-step bound" and md16["T"] == 16
+    bd = evaluate_json(capsys, runs["dirs"]["bd3lm"], "--data_dir", d, "--split", "val")
+    assert bd["model"] == "BD3LM" and bd["bound"] == "continuous NELBO, blocks of 8" and 1.0 < bd["bpt"] < 10
+    bd16 = evaluate_json(capsys, runs["dirs"]["bd3lm"], "--data_dir", d, "--split", "val", "--T", "16")
+    assert bd16["bound"] == "16-step bound, blocks of 8" and bd16["se"] > 0
     with pytest.raises(common.UserError, match="continuous-time"):
         evaluate.main([str(runs["dirs"]["ar"]), "--data_dir", d, "--T", "16", "--device", "cpu"])
 
@@ -144,3 +152,34 @@ def test_plot_draws_runs_or_says_what_is_missing(runs, tmp_path):
         return
     plot.main([str(runs["dirs"]["ar"]), str(runs["dirs"]["mdlm"]), "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_block_diffusion_samples_any_length(runs, capsys):
+    """--length N continues block after block past the training length (32): the prompt kept, exactly N new
+    characters, the same text with --no_kv_cache, and calls = denoising calls + one per stored block."""
+    d = runs["dirs"]["bd3lm"]
+    args = ["--batch_size", "2", "--prompt", "the cat", "--length", "73", "--seed", "3"]
+    cached = sample_json(capsys, d, *args)
+    plain = sample_json(capsys, d, *args, "--no_kv_cache")
+    assert all(s.startswith("the cat") and len(s) == 80 for s in cached["samples"])
+    assert cached["samples"] == plain["samples"]
+    blocks = 80 // 8
+    # the first block holds the prompt (7 given, 1 masked); continuous sampling: one call per masked position
+    assert plain["network_calls"] == 73 and cached["network_calls"] == 73 + blocks - 1
+    md = sample_json(capsys, d, "--batch_size", "1", "--infill", "the ??? sat on ???")
+    assert md["samples"][0][:4] == "the " and md["samples"][0][7:15] == " sat on "
+
+
+def test_block_diffusion_stops_at_end_of_text():
+    """stop_id: sampling stops after the first block by which every row has produced it (cut there)."""
+    from bd3lm import BD3LM
+    torch.manual_seed(0)
+    model = BD3LM(4, 16, 2, 1, 8, 0.0, block_size=2).eval()
+    with torch.no_grad():
+        model.net.vocab_embed.weight[3] += 2.0  # make token 3 likely, so every row produces it soon
+    x = torch.full((3, 40), model.mask_id)
+    out, _ = model.sample(x, generator=torch.Generator().manual_seed(0), window=8, stop_id=3)
+    full, _ = model.sample(x, generator=torch.Generator().manual_seed(0), window=8)
+    n = out.shape[1]
+    assert n < 40 and n % 2 == 0 and torch.equal(out, full[:, :n])
+    assert (out == 3).any(dim=1).all() and not (out[:, :n - 2] == 3).any(dim=1).all()
