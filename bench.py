@@ -362,6 +362,8 @@ SAMPLERS = {  # quality: name -> model.sample options
     "ancestral": {}, "top_p0.9": dict(top_p=0.9), "temp0.8": dict(temperature=0.8),
     "confidence": dict(sampler="confidence"), "confidence_margin": dict(sampler="confidence", score="margin"),
     "confidence_cosine": dict(sampler="confidence", schedule="cosine"),
+    "remask": dict(sampler="remask"), "remask_top_p0.9": dict(sampler="remask", top_p=0.9),
+    "remask_eta0.05": dict(sampler="remask", eta=0.05),
 }
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import DiT
-from sampling import confidence_decode, draw, unmask_at_event_times
+from sampling import confidence_decode, draw, remask_decode, unmask_at_event_times
 
 
 class CrossEntropy(torch.autograd.Function):
@@ -165,14 +165,20 @@ class D3PMAbsorbing(nn.Module):
         callback(x, t) is called after each network call. cache=False calls the network at every step
         of the grid instead (same samples: for comparison). opts: temperature, top_k, top_p (sampling.draw;
         the defaults keep the sampler exact). sampler="confidence": sampling.confidence_decode in `steps`
-        calls (default T) instead, with opts score and schedule too. Returns (samples, network calls).
+        calls (default T) instead, with opts score and schedule too; sampler="remask": sampling.remask_decode
+        (ReMDM) on the `steps`-step grid, opt eta. Returns (samples, network calls).
         """
         if sampler == "confidence":
             S = steps or self.T
             times = [self.T * (S - j) / S for j in range(S)]
             return confidence_decode(self.logits, x, times, self.mask_id, generator, callback, **opts)
+        if sampler == "remask":
+            S = steps or self.T
+            times = [round(self.T * (S - j) / S) for j in range(S + 1)]
+            return remask_decode(self.logits, x, times, lambda t: self.ab64[t], self.mask_id, generator, callback,
+                                 **opts)
         if sampler != "ancestral":
-            raise ValueError(f"unknown sampler {sampler!r} (ancestral or confidence)")
+            raise ValueError(f"unknown sampler {sampler!r} (ancestral, confidence or remask)")
         B, L = x.shape
         ab = self.ab64
         p_tau = ab[:-1] - ab[1:]  # P(tau = t) for t = 1..T

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from d3pm import CrossEntropy
 from model import DiT
-from sampling import confidence_decode, unmask_at_event_times
+from sampling import confidence_decode, remask_decode, unmask_at_event_times
 
 
 class MDLM(nn.Module):
@@ -166,7 +166,8 @@ class MDLM(nn.Module):
         time, in a uniformly random order (every call has an event: cache changes nothing).
         opts: temperature, top_k, top_p (sampling.draw; the defaults keep the sampler exact).
         sampler="confidence": sampling.confidence_decode in `steps` calls (default L) at t = (S - j)/S,
-        with opts score and schedule too. Returns (samples, network calls)."""
+        with opts score and schedule too. sampler="remask": sampling.remask_decode (ReMDM) on the `steps`-step grid
+        (default L), opt eta. Returns (samples, network calls)."""
         return self.denoise(self.logits, x, steps, generator, callback, cache, sampler, **opts)
 
     def denoise(self, logits_fn, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral",
@@ -177,8 +178,12 @@ class MDLM(nn.Module):
             S = steps or L
             times = [(S - j) / S for j in range(S)]
             return confidence_decode(logits_fn, x, times, self.mask_id, generator, callback, **opts)
+        if sampler == "remask":
+            S = steps or L
+            times = [(S - j) / S for j in range(S + 1)]
+            return remask_decode(logits_fn, x, times, self.alpha, self.mask_id, generator, callback, **opts)
         if sampler != "ancestral":
-            raise ValueError(f"unknown sampler {sampler!r} (ancestral or confidence)")
+            raise ValueError(f"unknown sampler {sampler!r} (ancestral, confidence or remask)")
         dev = x.device
         every_step = None
         if steps is None:

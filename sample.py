@@ -179,9 +179,10 @@ def main(argv=None):
     p.add_argument("--load_ema", type=lambda s: s.lower() in ("1", "true", "yes"), dest="ema",
                    help="the original's flag: --load_ema false is --no-ema")
     p.add_argument("--device", default="auto")
-    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence"],
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence", "remask"],
                    help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "
-                        "in --steps calls, most confident positions first (masked models)")
+                        "in --steps calls, most confident positions first; remask: ReMDM, the --steps grid with "
+                        "generated tokens masked again w.p. --eta (masked models)")
     p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
                    "confidence: the number of network calls")
     p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")
@@ -192,6 +193,8 @@ def main(argv=None):
                    help="confidence sampler: score a position by its top probability or top-1 minus top-2 margin")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="confidence sampler: how many positions each step commits")
+    p.add_argument("--eta", type=float, default=0.02, help="remask sampler: the largest probability of masking a "
+                   "generated token again at a step (ReMDM's eta_cap)")
     p.add_argument("--prompt", default=None, help="text the sequences start with")
     p.add_argument("--infill", default=None, help="template: placeholders are generated, the rest kept")
     p.add_argument("--length", type=int, default=0, help="generate this many tokens after the prompt, beyond "
@@ -233,6 +236,10 @@ def main(argv=None):
         opts.update(window=seq_len, stop_id=stop_id)
     if args.sampler == "confidence":
         opts.update(score=args.confidence, schedule=args.schedule)
+    if args.sampler == "remask":
+        if not 0 <= args.eta <= 1:
+            raise UserError("--eta must be in [0, 1]")
+        opts.update(eta=args.eta)
 
     generator = torch.Generator(device=dev).manual_seed(args.seed)
     view = LiveView(codec) if sys.stdout.isatty() and not args.json else None

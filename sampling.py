@@ -4,6 +4,7 @@ Sampling pieces that every model family shares (d3pm.py, mdlm.py, ar.py call the
     draw                   one token per row from logits, float64 inverse CDF, with temperature / top-k / top-p
     unmask_at_event_times  the exact masked-diffusion reverse process, network only where something unmasks
     confidence_decode      MaskGIT / LLaDA-style decoding: commit the most confident positions, S steps
+    remask_decode          ReMDM: the ancestral grid, but a generated token may be masked again and redrawn
     generate_long          any length, semi-autoregressively: each window starts with the previous one's end
 
 Draws are float64 throughout: float32 truncates the tail and lowers the effective temperature, which
@@ -116,6 +117,36 @@ def confidence_decode(logits_fn, x, times, mask_id, generator=None, callback=Non
         tokens = torch.full_like(x, mask_id)
         tokens[masked] = draw(logits[masked], generator, **draw_opts)
         x = torch.where(commit, tokens, x)
+        if callback is not None:
+            callback(x, t)
+    return x, calls
+
+
+def remask_decode(logits_fn, x, times, alpha, mask_id, generator=None, callback=None, eta=0.02, **draw_opts):
+    """ReMDM-cap (Wang et al. 2025): the ancestral sampler on the grid `times` (descending, from 1 to 0: S calls),
+    except that a generated token may be masked again, so a later step can redraw it. From t to s, with
+    a_t = alpha(t) and sigma = min(eta, (1 - a_s) / a_t):
+        a masked position unmasks w.p. (a_s - (1 - sigma) a_t) / (1 - a_t), to a draw from p(x_0 | x_t);
+        a generated position is masked again w.p. sigma.
+    Each position is still masked w.p. 1 - a_s after the step (as under q(x_s | x_0)), so a model trained on
+    the forward process needs no retraining; sigma = 0 is the ancestral sampler, and the last step (a_s = 1)
+    unmasks everything. The network is called at every step (tokens can change). Given tokens never change.
+    Returns (x, network calls)."""
+    x = x.clone()
+    generated = x == mask_id
+    calls = 0
+    for t, s in zip(times[:-1], times[1:]):
+        a_t, a_s = float(alpha(t)), float(alpha(s))
+        sigma = min(eta, (1 - a_s) / a_t) if a_t > 0 else eta
+        masked = x == mask_id
+        logits = logits_fn(x, torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device))
+        calls += 1
+        u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+        unmask = masked & (u < (a_s - (1 - sigma) * a_t) / (1 - a_t))
+        remask = generated & ~masked & (u < sigma)
+        tokens = torch.full_like(x, mask_id)
+        tokens[unmask] = draw(logits[unmask], generator, **draw_opts)
+        x = torch.where(unmask, tokens, torch.where(remask, torch.full_like(x, mask_id), x))
         if callback is not None:
             callback(x, t)
     return x, calls

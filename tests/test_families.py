@@ -106,6 +106,11 @@ def test_sample_each_family(runs, capsys):
     assert md["network_calls"] <= 6  # one call per distinct unmask time
     grid = sample_json(capsys, runs["dirs"]["mdlm"], "--batch_size", "2", "--steps", "4")
     assert grid["network_calls"] <= 4 and grid["steps"] == 4
+    remask = sample_json(capsys, runs["dirs"]["mdlm"], "--batch_size", "2", "--sampler", "remask", "--steps", "8",
+                         "--eta", "0.1", "--prompt", "the")
+    assert remask["network_calls"] == 8 and all(s.startswith("the") and "\u2588" not in s for s in remask["samples"])
+    with pytest.raises(common.UserError, match="eta"):
+        sample.main([str(runs["dirs"]["mdlm"]), "--sampler", "remask", "--eta", "2", "--device", "cpu"])
 
 
 def test_bench_suite_keeps_its_deadline():

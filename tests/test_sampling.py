@@ -179,3 +179,107 @@ def test_generate_long_stops_at_eos():
 
     out, calls, _ = generate_long(fill, torch.zeros((2, 0), dtype=torch.long), 100, 10, 5, mask, stop_id=eos)
     assert calls == 1 and out.shape[1] == 10
+
+
+# ---- ReMDM remasking: the exact chain, enumerated ---------------------------------------------------------
+class TableNet:
+    """A fake network whose logits at each position are a fixed random function of the whole row (and not
+    of t): logits[row] = table[code(row)], code = the row read as a base-(V+1) number. The mask logit is -inf."""
+
+    def __init__(self, L, V, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.L, self.V = L, V
+        self.table = 1.5 * torch.randn(((V + 1) ** L, L, V + 1), generator=g, dtype=torch.float64)
+        self.table[..., V] = float("-inf")
+
+    def code(self, x):
+        return (x * (self.V + 1) ** torch.arange(self.L - 1, -1, -1)).sum(-1)
+
+    def __call__(self, x, t):
+        return self.table[self.code(x)]
+
+
+def remask_chain_oracle(net, start, alphas, eta):
+    """The exact output distribution of ReMDM from `start` (one row), by brute force: a dict state -> prob,
+    propagated step by step with every position's transition written out separately (masked: stay masked,
+    or unmask to token v w.p. p_unmask * softmax(logits)[v]; generated: masked again w.p. sigma, else kept;
+    given: kept)."""
+    V, mask = net.V, net.V
+    given = [tok != mask for tok in start]
+    dist = {tuple(start): 1.0}
+    for a_t, a_s in zip(alphas[:-1], alphas[1:]):
+        sigma = min(eta, (1 - a_s) / a_t) if a_t > 0 else eta
+        new = {}
+        for state, p in dist.items():
+            probs = torch.softmax(net(torch.tensor([state]), None)[0], -1).tolist()
+            options = []  # per position: list of (token, prob)
+            for pos, tok in enumerate(state):
+                if given[pos]:
+                    options.append([(tok, 1.0)])
+                elif tok == mask:
+                    p_un = (a_s - (1 - sigma) * a_t) / (1 - a_t)
+                    options.append([(mask, 1 - p_un)] + [(v, p_un * probs[pos][v]) for v in range(V)])
+                else:
+                    options.append([(mask, sigma), (tok, 1 - sigma)])
+            for combo in np.ndindex(*[len(o) for o in options]):
+                nxt = tuple(options[pos][c][0] for pos, c in enumerate(combo))
+                q = p * math.prod(options[pos][c][1] for pos, c in enumerate(combo))
+                new[nxt] = new.get(nxt, 0.0) + q
+        dist = new
+    return dist
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3])
+def test_remask_decoding_is_the_remdm_chain(eta):
+    """remask_decode's output distribution equals the brute-force chain (chi-square), it never leaves a mask
+    or changes a given token, calls the network S times, and eta changes the distribution (power check)."""
+    from sampling import remask_decode
+    V, L, S, n = 2, 3, 3, 40_000
+    net = TableNet(L, V, seed=3)
+    start = [V, 1, V]  # the middle token is given
+    times = [(S - j) / S for j in range(S + 1)]
+    alphas = [1 - t for t in times]
+    x = torch.tensor([start] * n)
+    out, calls = remask_decode(net, x, times, lambda t: 1 - t, V, torch.Generator().manual_seed(5), eta=eta)
+    assert calls == S and not (out == V).any() and (out[:, 1] == 1).all()
+    exact = remask_chain_oracle(net, start, alphas, eta)
+    states = sorted(exact)
+    assert all(V not in s for s in states if exact[s] > 1e-12)
+    index = {s: i for i, s in enumerate(states)}
+    counts = np.bincount([index[tuple(r)] for r in out.tolist()], minlength=len(states)).astype(float)
+    probs = np.array([exact[s] for s in states])
+    assert chi2_pvalue(counts, probs) > 1e-4
+    other = remask_chain_oracle(net, start, alphas, 0.3 - eta)  # the other eta: must be rejected
+    assert chi2_pvalue(counts, np.array([other.get(s, 0.0) for s in states])) < 1e-6
+
+
+def test_remask_keeps_the_forward_marginals():
+    """After every step of the grid a generated position is masked with probability 1 - alpha(s), whatever
+    the network (binomial z-test over many positions): the property that lets ReMDM reuse a trained model."""
+    from sampling import remask_decode
+    V, L, S, n = 3, 2, 6, 30_000
+    net = TableNet(L, V, seed=1)
+    times = [(S - j) / S for j in range(S + 1)]
+    alpha = lambda t: math.cos(math.pi / 2 * t)  # noqa: E731  (any decreasing schedule)
+    fractions = []
+    remask_decode(net, torch.full((n, L), V), times, alpha, V, torch.Generator().manual_seed(0), eta=0.2,
+                  callback=lambda x, t: fractions.append(float((x == V).double().mean())))
+    for frac, s in zip(fractions, times[1:]):
+        p = 1 - alpha(s)
+        assert abs(frac - p) < 5 * math.sqrt(max(p * (1 - p), 1e-12) / (n * L)) + 1e-12
+
+
+@pytest.mark.parametrize("family", ["D3PMAbsorbing", "MDLM", "BD3LM"])
+def test_every_masked_family_samples_with_remasking(family):
+    """sampler="remask" through each masked family's sample(): S calls (per block for block diffusion), no mask
+    left, the given tokens kept."""
+    from common import model_classes
+    args = dict(vocab_size=5, n_embed=16, n_heads=2, n_blocks=1, n_cond=8, dropout=0.0)
+    extra = {"D3PMAbsorbing": dict(T=20, lambda_ce=0.05), "MDLM": {}, "BD3LM": dict(block_size=4)}[family]
+    model = model_classes()[family](**args, **extra).eval()
+    x = torch.full((3, 8), model.mask_id)
+    x[:, 0] = 2
+    with torch.no_grad():
+        out, calls = model.sample(x, steps=5, generator=torch.Generator().manual_seed(0), sampler="remask", eta=0.1)
+    assert not (out == model.mask_id).any() and (out[:, 0] == 2).all()
+    assert calls == (5 if family != "BD3LM" else 2 * 5 + 1)
