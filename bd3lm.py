@@ -60,7 +60,7 @@ class BD3LM(MDLM):
         if block_size < 1 or not 0 <= t_min < t_max <= 1:
             raise ValueError(f"need block_size >= 1 and 0 <= t_min < t_max <= 1 (got {block_size}, {t_min}, {t_max})")
         self.block_size, self.t_min, self.t_max = block_size, t_min, t_max
-        self.attention = "auto"  # auto: FlexAttention on CUDA where available, else SDPA with a bool mask
+        self.attention = "auto"  # auto: FlexAttention compiled on CUDA, else SDPA with a bool mask; or "flex", "sdpa"
         self._masks = {}
 
     def n_blocks(self, L):
@@ -69,9 +69,10 @@ class BD3LM(MDLM):
         return max(L // self.block_size, 1)
 
     # ---- training and evaluation --------------------------------------------------------------------------
-    def attention_mask(self, L, device):
-        """block_causal_mask for [x_t, x_0] of 2L tokens: a FlexAttention BlockMask or a (2L, 2L) bool tensor."""
-        flex = self.attention == "flex" or (self.attention == "auto" and device.type == "cuda")
+    @torch.compiler.disable  # built eagerly, once per length (under torch.compile: a graph break)
+    def attention_mask(self, L, device, flex=False):
+        """block_causal_mask for [x_t, x_0] of 2L tokens: a FlexAttention BlockMask (flex=True, where available)
+        or a (2L, 2L) bool tensor for SDPA."""
         key = (L, str(device), flex and create_block_mask is not None)
         if key not in self._masks:
             if key[2]:
@@ -90,8 +91,11 @@ class BD3LM(MDLM):
         if self.n_blocks(L) == 1:  # one block: nothing clean to see, the x_0 half is not needed
             logits = self.net(x_t, t)
         else:
+            # FlexAttention where it is fastest: compiled, on CUDA (eager it would materialise the scores)
+            flex = self.attention == "flex" or (self.attention == "auto" and x_t.device.type == "cuda"
+                                                and torch.compiler.is_compiling())
             positions = torch.arange(L, device=x_t.device).repeat(2)
-            logits = self.net(torch.cat([x_t, x0], dim=1), t, mask=self.attention_mask(L, x_t.device),
+            logits = self.net(torch.cat([x_t, x0], dim=1), t, mask=self.attention_mask(L, x_t.device, flex),
                               positions=positions, outputs=slice(0, L))
         logits[..., self.mask_id] = float("-inf")
         return logits
