@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root and a tiny fake text8 dataset."""
+"""Shared fixtures and helpers: the repository root, tiny datasets, chi-square goodness of fit, processes."""
 import os
 import pickle
 import sys
@@ -206,3 +206,45 @@ def call_main(module, argv):
     finally:
         torch.set_num_threads(threads)
         vars(module).update(saved)
+
+
+# ---- chi-square goodness of fit (no scipy) -------------------------------------------------------------------
+def chi2_sf(stat, df):
+    """P(chi2_df > stat) = Q(df/2, stat/2), the regularized upper incomplete gamma function."""
+    import torch
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def chi2_pvalue(counts, probs):
+    """Goodness of fit of observed counts (array) against class probabilities (array); classes of
+    probability 0 are left out (the caller checks that none was drawn)."""
+    counts, probs = np.asarray(counts, dtype=float), np.asarray(probs, dtype=float)
+    keep = probs > 0
+    expected = counts.sum() * probs[keep]
+    if keep.sum() < 2:
+        return 1.0
+    return chi2_sf(float(((counts[keep] - expected) ** 2 / expected).sum()), int(keep.sum()) - 1)
+
+
+def chisquare_pvalue(samples, probs, min_expected=5.0):
+    """Goodness of fit of samples (n, L) against exact probabilities {tuple: p}; cells with expected count
+    < min_expected pooled into one; a sample of probability 0 fails outright."""
+    n = samples.shape[0]
+    keys, counts = np.unique(samples.numpy(), axis=0, return_counts=True)
+    observed = {tuple(int(v) for v in k): int(c) for k, c in zip(keys, counts)}
+    impossible = [k for k in observed if probs.get(k, 0.0) <= 0.0]
+    assert not impossible, f"sampled sequences of probability 0: {impossible[:5]}"
+    cells, pooled_o, pooled_e = [], 0, 0.0
+    for k, p in probs.items():
+        if p <= 0:
+            continue
+        e, o = n * p, observed.get(k, 0)
+        if e < min_expected:
+            pooled_o, pooled_e = pooled_o + o, pooled_e + e
+        else:
+            cells.append((o, e))
+    if pooled_e > 0:
+        cells.append((pooled_o, pooled_e))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    return chi2_sf(stat, len(cells) - 1)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ar import AR
-from conftest import randomize_weights
+from conftest import chisquare_pvalue, randomize_weights
 
 V = 3
 M = V  # mask id = start token
@@ -112,31 +112,6 @@ def test_probabilities_sum_to_one(model):
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
-def chisquare_pvalue(samples, probs, min_expected=5.0):
-    """Goodness of fit of samples (n, L) against exact probabilities {tuple: p}; cells with expected count
-    < min_expected pooled; a sample of probability 0 fails outright."""
-    n = samples.shape[0]
-    keys, counts = np.unique(samples.numpy(), axis=0, return_counts=True)
-    observed = {tuple(int(v) for v in k): int(c) for k, c in zip(keys, counts)}
-    impossible = [k for k in observed if probs.get(k, 0.0) <= 0.0]
-    assert not impossible, f"sampled sequences of probability 0: {impossible[:5]}"
-    cells, po, pe = [], 0, 0.0
-    for k, p in probs.items():
-        if p <= 0:
-            continue
-        e, o = n * p, observed.get(k, 0)
-        if e < min_expected:
-            po, pe = po + o, pe + e
-        else:
-            cells.append((o, e))
-    if pe > 0:
-        cells.append((po, pe))
-    stat = sum((o - e) ** 2 / e for o, e in cells)
-    df = len(cells) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
 def exact_distribution(model, prompt, L):
     """{sequence: p(sequence | prompt)} over the V^(L - len(prompt)) continuations, by the chain rule oracle."""
     rest = list(itertools.product(range(V), repeat=L - len(prompt)))

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_weights
+from conftest import chisquare_pvalue, randomize_weights
 from mdlm import MDLM
 
 V, L = 3, 3
@@ -381,39 +381,6 @@ def test_iid_tokens_nelbo_reaches_entropy():
 
 
 # ---- the sampler --------------------------------------------------------------------------------------------
-def chisquare_pvalue(samples, probs, min_expected=5.0):
-    """Goodness of fit of samples (n, L) against exact probabilities {tuple: p}; cells with expected
-    count < min_expected pooled; a sample of probability 0 fails outright."""
-    n = samples.shape[0]
-    keys, counts = np.unique(samples.numpy(), axis=0, return_counts=True)
-    observed = {tuple(int(v) for v in k): int(c) for k, c in zip(keys, counts)}
-    impossible = [k for k in observed if probs.get(k, 0.0) <= 0.0]
-    assert not impossible, f"sampled sequences of probability 0: {impossible[:5]}"
-    cells, po, pe = [], 0, 0.0
-    for k, p in probs.items():
-        if p <= 0:
-            continue
-        e, o = n * p, observed.get(k, 0)
-        if e < min_expected:
-            po, pe = po + o, pe + e
-        else:
-            cells.append((o, e))
-    if pe > 0:
-        cells.append((po, pe))
-    stat = sum((o - e) ** 2 / e for o, e in cells)
-    df = len(cells) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
-def test_chisquare_pvalue_matches_table():
-    # P(chi2_df > the 95% quantile) = 0.05
-    for stat, df in ((3.841459, 1), (18.307038, 10), (124.839224, 80)):
-        q = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                          torch.tensor(stat / 2, dtype=torch.float64)))
-        assert q == pytest.approx(0.05 if df != 80 else 0.001, rel=1e-5)
-
-
 @torch.no_grad()
 def predict(model, states, times):
     """p(x_0 | x_t) for states (n, L) at times (n,): float64 (n, L, V), our softmax over the first V logits."""

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_weights
+from conftest import chi2_sf, chisquare_pvalue, randomize_weights
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from d3pm import D3PMAbsorbing  # noqa: E402
@@ -40,44 +40,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-# ---- chi-square p-values without scipy ---------------------------------------------------------
-def chi2_sf(stat, df):
-    """P(chi2_df > stat) = Q(df/2, stat/2), the regularized upper incomplete gamma function."""
-    a, x = df / 2.0, stat / 2.0
-    if x <= 0:
-        return 1.0
-    log_front = -x + a * math.log(x) - math.lgamma(a)
-    if x < a + 1:  # series for the lower function P(a, x)
-        term = total = 1.0 / a
-        n = a
-        for _ in range(100_000):
-            n += 1
-            term *= x / n
-            total += term
-            if abs(term) < 1e-16 * abs(total):
-                break
-        return max(0.0, 1.0 - total * math.exp(log_front))
-    # continued fraction for Q(a, x) (modified Lentz)
-    tiny = 1e-300
-    b = x + 1.0 - a
-    c = 1.0 / tiny
-    d = 1.0 / b
-    h = d
-    for i in range(1, 100_000):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * h
-
-
+# ---- the chi-square p-value of conftest.py (torch.special.gammaincc) against tables -----------------
 def test_chi2_sf_matches_tables():
     # classic table values: the 95% / 99.9% quantiles
     for stat, df, p in [(3.841459, 1, 0.05), (18.307038, 10, 0.05), (10.827566, 1, 0.001),
@@ -91,29 +54,6 @@ def test_chi2_sf_matches_tables():
     for df in (1, 2, 7, 26, 80):
         for stat in (0.1, 1.0, df * 0.5, df, df + 3 * math.sqrt(2 * df), 5.0 * df + 40):
             assert chi2_sf(stat, df) == pytest.approx(chi2.sf(stat, df), rel=1e-8, abs=1e-300)
-
-
-def chisquare_pvalue(samples, probs, min_expected=5.0):
-    """Goodness of fit of samples (N, L) ids against exact probs {tuple: p}. Cells with
-    expected count < min_expected are pooled into one. Impossible outcomes fail outright."""
-    n = samples.shape[0]
-    keys, counts = np.unique(samples.numpy(), axis=0, return_counts=True)
-    observed = {tuple(int(v) for v in k): int(c) for k, c in zip(keys, counts)}
-    impossible = [k for k in observed if probs.get(k, 0.0) <= 0.0]
-    assert not impossible, f"sampled sequences of probability 0: {impossible[:5]}"
-    cells, pooled_o, pooled_e = [], 0, 0.0
-    for k, p in probs.items():
-        if p <= 0:
-            continue
-        e, o = n * p, observed.get(k, 0)
-        if e < min_expected:
-            pooled_o, pooled_e = pooled_o + o, pooled_e + e
-        else:
-            cells.append((o, e))
-    if pooled_e > 0:
-        cells.append((pooled_o, pooled_e))
-    stat = sum((o - e) ** 2 / e for o, e in cells)
-    return chi2_sf(stat, len(cells) - 1)
 
 
 # ---- the toy model -----------------------------------------------------------------------------

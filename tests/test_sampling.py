@@ -7,20 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import chi2_pvalue
 from sampling import confidence_decode, draw, filter_logits, generate_long
-
-
-def chi2_pvalue(counts, probs):
-    """P(chi2 >= stat) for observed counts vs probabilities (Wilson-Hilferty normal approximation)."""
-    n = counts.sum()
-    keep = probs > 0
-    e = n * probs[keep]
-    stat = float(((counts[keep] - e) ** 2 / e).sum())
-    k = int(keep.sum()) - 1
-    if k == 0:
-        return 1.0
-    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 LOGITS = torch.tensor([2.0, 1.5, 0.3, 0.2, -0.5, -1.0, float("-inf"), -3.0])
