@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from bd3lm import BD3LM
-from conftest import randomize_weights
+from conftest import chisquare_pvalue, randomize_weights
 from mdlm import MDLM
-from test_mdlm import alpha, assert_unbiased, chisquare_pvalue, estimates, gauss_legendre, weight
+from test_mdlm import alpha, assert_unbiased, estimates, gauss_legendre, weight
 
 CPU = torch.device("cpu")
 
