@@ -248,3 +248,14 @@ def chisquare_pvalue(samples, probs, min_expected=5.0):
         cells.append((pooled_o, pooled_e))
     stat = sum((o - e) ** 2 / e for o, e in cells)
     return chi2_sf(stat, len(cells) - 1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module (pytestmark = pytest.mark.usefixtures("one_thread")): its tensors
+    are tiny and the 2 CI cores are shared."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

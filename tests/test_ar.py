@@ -21,12 +21,7 @@ V = 3
 M = V  # mask id = start token
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, 2 cores shared
 
 
 def make(seed=5, dropout=0.0):

@@ -33,12 +33,7 @@ from test_mdlm import alpha, assert_unbiased, estimates, gauss_legendre, weight
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, 2 cores shared
 
 
 def make(V=3, block_size=2, n_layers=1, seed=3, schedule="linear", **kw):

@@ -31,13 +31,7 @@ M = V
 K = V + 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread (set before the module's other fixtures run): tiny tensors, 2 cores shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, 2 cores shared
 
 
 def make_toy_model(seed=2):

@@ -41,12 +41,7 @@ GL_PANELS = 200                                        # t-quadrature panels (a 
 SAMPLER_SEED = 9                                       # weights with clear context and time dependence (power)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, 2 cores shared
 
 
 def make(tc, schedule="linear", seed=3, **kw):

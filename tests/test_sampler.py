@@ -31,13 +31,7 @@ M = V          # mask id
 T_TOY = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread (set before the module's other fixtures run): tiny tensors, 2 cores shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, 2 cores shared
 
 
 # ---- the chi-square p-value of conftest.py (torch.special.gammaincc) against tables -----------------
