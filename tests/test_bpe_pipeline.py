@@ -79,3 +79,18 @@ def test_prepare_train_evaluate_sample_with_a_custom_bpe(tmp_path, tiny_bpe):
     ids = out["ids"][0]
     head, tail = tiny_bpe.encode_ordinary("the cat "), tiny_bpe.encode_ordinary(" on the mat")
     assert ids[:len(head)] == head and ids[len(ids) - len(tail):] == tail and len(ids) == len(head) + 4 + len(tail)
+
+    # block diffusion on the same data: any length, cut at the first end-of-text with --stop_at_eos
+    bd_dir = tmp_path / "bd3lm"
+    run("train.py", "bd3lm_tiny", "--device=cpu", "--dataset=mine", f"--data_root_dir={data_root}",
+        f"--out_dir={bd_dir}", "--max_iters=4", "--eval_interval=2", "--seq_len=32", "--batch_size=4")
+    args = [str(bd_dir / "ckpt.pt"), "--device", "cpu", "--data_dir", mine, "--prompt", "the cat", "--length", "70",
+            "--batch_size", "3", "--json"]
+    full = json.loads(run("sample.py", *args).stdout)
+    cut = json.loads(run("sample.py", *args, "--stop_at_eos").stdout)
+    prompt = tiny_bpe.encode_ordinary("the cat")
+    for whole, ids in zip(full["ids"], cut["ids"]):
+        assert len(whole) == len(prompt) + 70 and whole[:len(prompt)] == prompt
+        n = whole.index(eot) if eot in whole else len(whole)
+        assert ids == whole[:n]  # the same draws, cut before the first end-of-text
+    assert any(eot in whole for whole in full["ids"])  # (the data ends every document with one)
