@@ -64,9 +64,13 @@ class BD3LM(MDLM):
         self.attention = "auto"  # auto: FlexAttention compiled on CUDA, else SDPA with a bool mask; or "flex", "sdpa"
         self._masks = {}
 
-    def n_blocks(self, L):
+    def check_length(self, L):
+        """Training and evaluation windows hold whole blocks (train.py and evaluate.py check this first)."""
         if L % self.block_size and self.block_size < L:
             raise ValueError(f"the sequence length {L} is not a multiple of block_size {self.block_size}")
+
+    def n_blocks(self, L):
+        self.check_length(L)
         return max(L // self.block_size, 1)
 
     # ---- training and evaluation --------------------------------------------------------------------------

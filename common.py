@@ -136,6 +136,15 @@ def model_classes():
     return {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM)}
 
 
+def check_length(model, seq_len):
+    """A one-line error if the model cannot take windows of seq_len tokens (block diffusion: a multiple of its
+    block size); models without a check_length method take any length."""
+    try:
+        getattr(model, "check_length", lambda L: None)(seq_len)
+    except ValueError as e:
+        raise UserError(f"seq_len {seq_len}: {e}")
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same directory, fsync, then rename over path."""
     tmp = f"{path}.tmp{os.getpid()}"

@@ -29,8 +29,8 @@ import sys
 import numpy as np
 import torch
 
-from common import (UserError, all_gather, comm_buffer, ddp_init, ddp_shutdown, default_dataset, open_model,
-                    open_split, pick_device)
+from common import (UserError, all_gather, check_length, comm_buffer, ddp_init, ddp_shutdown, default_dataset,
+                    open_model, open_split, pick_device)
 
 
 def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
@@ -189,6 +189,7 @@ def main(argv=None):
     seq_len = args.seq_len or trained.get("seq_len") or (256 if dataset == "text8" else 1024)
     if len(data) < seq_len:
         raise UserError(f"the {args.split} split in {data_dir} has {len(data)} tokens, fewer than seq_len={seq_len}")
+    check_length(model, seq_len)
 
     progress = None
     if rank == 0 and not args.json:

@@ -184,7 +184,7 @@ def main(argv=None):
                         "in --steps calls, most confident positions first; remask: ReMDM, the --steps grid with "
                         "generated tokens masked again w.p. --eta (masked models)")
     p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
-                   "confidence: the number of network calls")
+                   "confidence: the number of network calls; remask: the grid's steps (block diffusion: per block)")
     p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: draw from the smallest set of "
                    "tokens with probability >= p")

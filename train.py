@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 import configs
-from common import (UserError, all_gather, all_reduce, atomic_save, comm_buffer, dataset_vocab_size, ddp_init,
-                    ddp_shutdown, model_classes, newest_checkpoint, open_split, pick_device)
+from common import (UserError, all_gather, all_reduce, atomic_save, check_length, comm_buffer, dataset_vocab_size,
+                    ddp_init, ddp_shutdown, model_classes, newest_checkpoint, open_split, pick_device)
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
 # I/O
@@ -333,6 +333,7 @@ def main(argv):
     torch.manual_seed(training_seed + rank)
     data_gen = torch.Generator().manual_seed(10_000 * training_seed + rank)
     model = model_cls(**model_args).to(dev)
+    check_length(model, seq_len)
     ema = EMA(model, ema_beta, ema_update_after_step)
     ema_model = model_cls(**model_args).to(dev).eval()
     optimizer = make_optimizer(model, dev)

@@ -86,6 +86,8 @@ def test_evaluate_each_family(runs, capsys):
     assert bd["model"] == "BD3LM" and bd["bound"] == "continuous NELBO, blocks of 8" and 1.0 < bd["bpt"] < 10
     bd16 = evaluate_json(capsys, runs["dirs"]["bd3lm"], "--data_dir", d, "--split", "val", "--T", "16")
     assert bd16["bound"] == "16-step bound, blocks of 8" and bd16["se"] > 0
+    with pytest.raises(common.UserError, match="not a multiple of block_size 8"):
+        evaluate.main([str(runs["dirs"]["bd3lm"]), "--data_dir", d, "--seq_len", "30", "--device", "cpu"])
     with pytest.raises(common.UserError, match="continuous-time"):
         evaluate.main([str(runs["dirs"]["ar"]), "--data_dir", d, "--T", "16", "--device", "cpu"])
 
