@@ -18,9 +18,9 @@ comparable with the other families.
 Sampling block by block, left to right, with any of mdlm.py's samplers inside a block. Clean blocks only
 ever attend to clean blocks, so their keys and values are computed once (a KV cache, exact). Beyond the
 training window the context slides: block j attends to blocks j - L/L' + 1 .. j, as in training (at every
-layer; through the cached blocks' own keys, older text still reaches deeper layers, as in any sliding-window
-attention); the cache keeps the last L/L' - 1 blocks. Without the cache (cache=False) every call reads the whole history with that
-banded mask instead: the same numbers, for comparison. The network has no time input.
+layer; through the cached blocks' own keys older text still reaches deeper layers, as in any sliding-window
+attention); the cache keeps the last L/L' - 1 blocks. Without the cache (cache=False) every call reads the
+whole history with that banded mask instead: the same numbers, for comparison. The network has no time input.
 """
 import math
 
