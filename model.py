@@ -11,7 +11,8 @@ The Diffusion Transformer (DiT) that predicts clean tokens from a partly masked 
     logits = modulate(LN(h), shift, scale) @ vocab_embed.T   (B, L, K), tied weights
 
 Options for the other model families: causal=True (ar.py), an explicit attention mask (a bool tensor
-for SDPA, or a FlexAttention BlockMask) and rotary positions (block diffusion), and a KVCache of earlier positions' keys/values for left-to-right sampling.
+for SDPA, or a FlexAttention BlockMask) and rotary positions (block diffusion), and a KVCache of earlier
+positions' keys/values for left-to-right sampling.
 
 Module and parameter names give exactly the state-dict keys of the published nanoDD
 checkpoints (see ../shared/reference/nanodd-compat.md, sections 2-3).
