@@ -136,6 +136,23 @@ def model_classes():
     return {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM)}
 
 
+def descendants(pid):
+    """The processes below pid (Linux /proc; [] elsewhere or once pid is gone). torchrun starts each worker in a
+    session of its own, so killing torchrun's process group alone leaves them running."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                found += kids
+                todo += kids
+        except OSError:
+            pass
+    return found
+
+
 def check_length(model, seq_len):
     """A one-line error if the model cannot take windows of seq_len tokens (block diffusion: a multiple of its
     block size); models without a check_length method take any length."""

@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from common import descendants
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 EXIT_ABORT = "terminate called without an active exception"
 
@@ -48,20 +50,8 @@ def write_data(root):
 
 
 def tree(pid):
-    """pid and the processes below it (Linux /proc). torchrun starts each worker in a session of its own,
-    so the workers are not in torchrun's process group."""
-    found, todo = [pid], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            for tid in os.listdir(f"/proc/{parent}/task"):
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                found += kids
-                todo += kids
-        except OSError:
-            pass
-    return found
+    """pid and the processes below it (common.descendants)."""
+    return [pid] + descendants(pid)
 
 
 def kill_tree(pids):

@@ -104,20 +104,7 @@ def script_env(**extra):
     return env
 
 
-def descendants(pid):
-    """The processes below pid (Linux /proc; [] elsewhere or once pid is gone)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            for tid in os.listdir(f"/proc/{parent}/task"):
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                found += kids
-                todo += kids
-        except OSError:
-            pass
-    return found
+from common import descendants  # noqa: E402
 
 
 def kill_group(proc):
