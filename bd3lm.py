@@ -167,6 +167,9 @@ class BD3LM(MDLM):
     def block_logits(self, x, start, end, kv, window_blocks):
         """logits_fn(x_block, t) for the block x[:, start:end]: with a KVCache kv, the block attends to the cached
         clean blocks; without one (kv None), the whole history x[:, :start] is read again with the sliding mask."""
+        if kv is None:  # the banded mask over the history and this block, built once per block
+            mask = sliding_block_mask(end, self.block_size, window_blocks, x.device)
+
         def logits_fn(block, t):
             zeros = torch.zeros(block.shape[0], device=block.device)
             if kv is not None:
@@ -174,7 +177,6 @@ class BD3LM(MDLM):
                                   cache=kv, store=False)
             else:
                 seq = torch.cat([x[:, :start], block], dim=1)
-                mask = sliding_block_mask(end, self.block_size, window_blocks, block.device)
                 logits = self.net(seq, zeros, mask=mask, outputs=slice(start, end))
             logits[..., self.mask_id] = float("-inf")
             return logits
