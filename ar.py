@@ -16,8 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from d3pm import CrossEntropy
-from model import DiT, KVCache
+from model import CrossEntropy, DiT, KVCache
 from sampling import draw
 
 
@@ -26,7 +25,6 @@ class AR(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.mask_id = vocab_size  # "to generate" in sample(); also the start token s
-        self.T = 0
         self.net = DiT(vocab_size + 1, n_embed, n_heads, n_blocks, n_cond, dropout, causal=True)
 
     def logits(self, x, cache=None):
@@ -50,11 +48,13 @@ class AR(nn.Module):
         metrics = dict(ce=loss.detach(), bound=loss.detach(), bpt=loss.detach() / math.log(2))
         return logits, loss, metrics
 
-    def bound_name(self):
+    def bound_name(self, T=None):
         return "exact NLL"
 
-    def batch_bound(self, x0, offset=0.0, generator=None):
-        """The exact NLL (nats/token, float64 0-dim) of a (B, L) batch; deterministic."""
+    def batch_bound(self, x0, offset=0.0, generator=None, T=None):
+        """The exact NLL (nats/token, float64 0-dim) of a (B, L) batch; deterministic. T: not applicable."""
+        if T is not None:
+            raise ValueError("the autoregressive model's NLL is exact; --T applies to continuous-time models")
         logits = self.shifted_logits(x0)
         return CrossEntropy.apply(logits.flatten(0, 1), x0.flatten()).double().mean()
 

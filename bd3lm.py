@@ -69,7 +69,8 @@ class BD3LM(MDLM):
         if L % self.block_size and self.block_size < L:
             raise ValueError(f"the sequence length {L} is not a multiple of block_size {self.block_size}")
 
-    def n_blocks(self, L):
+    def block_count(self, L):
+        """The number of blocks in a window of L tokens."""
         self.check_length(L)
         return max(L // self.block_size, 1)
 
@@ -93,7 +94,7 @@ class BD3LM(MDLM):
         """Logits of p(x_0^b | x_t^b, x_0^{<b}) at every position of x_t (B, L, K), mask at -inf."""
         B, L = x_t.shape
         t = torch.zeros(B, device=x_t.device)
-        if self.n_blocks(L) == 1:  # one block: nothing clean to see, the x_0 half is not needed
+        if self.block_count(L) == 1:  # one block: nothing clean to see, the x_0 half is not needed
             logits = self.net(x_t, t)
         else:
             # FlexAttention where it is fastest: compiled, on CUDA (eager it would materialise the scores)
@@ -105,14 +106,14 @@ class BD3LM(MDLM):
         logits[..., self.mask_id] = float("-inf")
         return logits
 
-    def draw_times(self, B, device, generator=None, n_blocks=1):
-        """(B, n_blocks) times in [max(t_eps, t_min), t_max]: per block antithetic over the batch,
+    def draw_times(self, B, device, generator=None, blocks=1):
+        """(B, blocks) times in [max(t_eps, t_min), t_max]: per block antithetic over the batch,
         (u_b + i/B) mod 1 with one u_b per block, or i.i.d. uniform."""
         if self.antithetic:
-            u = torch.rand(n_blocks, dtype=torch.float64, device=device, generator=generator)
+            u = torch.rand(blocks, dtype=torch.float64, device=device, generator=generator)
             r = (u[None, :] + torch.arange(B, dtype=torch.float64, device=device)[:, None] / B) % 1
         else:
-            r = torch.rand((B, n_blocks), dtype=torch.float64, device=device, generator=generator)
+            r = torch.rand((B, blocks), dtype=torch.float64, device=device, generator=generator)
         lo = max(self.t_eps, self.t_min)
         return lo + (self.t_max - lo) * r
 
@@ -120,9 +121,9 @@ class BD3LM(MDLM):
         """x0: (B, L); t: (B, L / block_size) block times (draw_times if None).
         loss = mean_b sum_blocks w(t_block) sum_{l in block} masked_ce / L. Returns (logits, loss, metrics)."""
         B, L = x0.shape
-        nb = self.n_blocks(L)
+        nb = self.block_count(L)
         if t is None:
-            t = self.draw_times(B, x0.device, n_blocks=nb)
+            t = self.draw_times(B, x0.device, blocks=nb)
         t_tok = t.repeat_interleave(L // nb, dim=1)
         x_t = self.q_sample(x0, t_tok)
         logits = self.train_logits(x_t, x0)
@@ -132,29 +133,28 @@ class BD3LM(MDLM):
         metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=loss.detach(), bpt=loss.detach() / math.log(2))
         return logits, loss, metrics
 
-    def bound_name(self):
-        kind = f"{self.T}-step bound" if self.T else "continuous NELBO"
-        return f"{kind}, blocks of {self.block_size}"
+    def bound_name(self, T=None):
+        return f"{super().bound_name(T)}, blocks of {self.block_size}"
 
-    def batch_bound(self, x0, offset, generator=None):
+    def batch_bound(self, x0, offset, generator=None, T=None):
         """One unbiased estimate (nats/token) of sum_b NELBO_b / L on a (B, L) batch, one network call.
-        Block b of row i is stratified by (i + offset_b) / B with offset_b = (offset + b/n_blocks) mod 1.
-        T = 0: k masked positions, k = 1 + floor(L' (i + offset_b) / B), at random in the block, and
-        NELBO_b / L' = E[(1/k) sum_masked -log p]; T > 0: the T-step bound per block (see mdlm.py)."""
+        Block b of row i is stratified by (i + offset_b) / B with offset_b = (offset + b/nb) mod 1 over the nb blocks.
+        T = None: k masked positions, k = 1 + floor(L' (i + offset_b) / B), at random in the block, and
+        NELBO_b / L' = E[(1/k) sum_masked -log p]; T = N: the N-step bound per block (see mdlm.py)."""
         B, L = x0.shape
-        nb = self.n_blocks(L)
+        nb = self.block_count(L)
         size = L // nb
         dev = x0.device
         i = torch.arange(B, dtype=torch.float64, device=dev)[:, None]
         offsets = (offset + torch.arange(nb, dtype=torch.float64, device=dev)[None, :] / nb) % 1
         strata = (i + offsets) / B  # (B, nb), uniform in [0, 1) for each block
-        if self.T:
-            j = (1 + torch.floor(strata * self.T)).clamp(max=self.T)
-            t, s = j / self.T, (j - 1) / self.T
+        if T:
+            j = (1 + torch.floor(strata * T)).clamp(max=T)
+            t, s = j / T, (j - 1) / T
             x_t = self.q_sample(x0, t.repeat_interleave(size, dim=1), generator)
             w = (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t))
             ce = self.masked_ce(self.train_logits(x_t, x0), x0, x_t).double().view(B, nb, size).sum(2)
-            return self.T * (w * ce).mean(0).sum() / L
+            return T * (w * ce).mean(0).sum() / L
         k = (1 + torch.floor(strata * size)).clamp(max=size)
         score = torch.rand((B, nb, size), dtype=torch.float64, device=dev, generator=generator)
         rank = score.argsort(dim=2).argsort(dim=2)  # a uniformly random order inside each block

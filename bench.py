@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 import configs
-from common import UserError, open_split, pick_device
+from common import UserError, load_codec, open_split, pick_device
+from families import load_checkpoint
 
 CONFIG_NAMES = configs.NAMES
 
@@ -156,7 +157,6 @@ def build(config, dev):
     if vocab_size:
         model_args["vocab_size"] = vocab_size
     if ckpt:
-        from common import load_checkpoint
         model = load_checkpoint(ckpt, map_location=dev)
         model_args = model.checkpoint_meta["model_args"]
     else:
@@ -242,7 +242,7 @@ def bench_sample(config, dev):
     trained = (model.checkpoint_meta if ckpt else {"training_args": getattr(configs, config)()[2]})["training_args"]
     opts = dict(window=trained["seq_len"]) if getattr(model, "any_length", False) else {}  # block diffusion
     result = {"bench": "sample", "config": config, "model": type(model).__name__, "device": str(dev),
-              "batch": sample_batch, "seq_len": L, "T": model.T, "compile": False, **opts}
+              "batch": sample_batch, "seq_len": L, "compile": False, **opts}
     for name, cache in (("fast", True), ("plain", False)):
         gen = torch.Generator(device=dev).manual_seed(seed)
         sync(dev)
@@ -374,10 +374,7 @@ def bench_quality(config, dev):
     --quality_samples sequences of the checkpoint's length, scored by evaluate.quality (gen_ppl, gen_bpt,
     entropy, in_vocab for character corpora). The reference: the same measures on windows of real text
     (--data_dir's test split). One JSON line per point; --plot draws the curves."""
-    from common import load_checkpoint
-    from evaluate import quality
-    from judge import load_judge
-    from sample import load_codec
+    from judge import load_judge, quality
     if not ckpt or not judge:
         raise UserError("--mode=quality needs --ckpt=GENERATOR and --judge=JUDGE (and --data_dir for the reference)")
     model = load_checkpoint(ckpt, map_location=dev)

@@ -1,7 +1,7 @@
 """
 What the scripts (train.py, sample.py, evaluate.py, bench.py) share, and nothing else: the one-line
-user error, device choice, data splits, process groups, and reading/writing checkpoints of every
-model class (d3pm.py, mdlm.py, ar.py).
+user error, device choice, data splits and their tokenizers, process groups, and finding, writing and
+opening checkpoints (families.py reads them).
 """
 import gc
 import os
@@ -9,6 +9,8 @@ import pickle
 
 import numpy as np
 import torch
+
+from families import load_checkpoint, read_checkpoint
 
 
 class UserError(Exception):
@@ -51,6 +53,83 @@ def dataset_vocab_size(data_dir):
 def default_dataset(vocab_size):
     """The dataset a vocabulary size implies: 27 -> text8, 50257 -> openwebtext, else ''."""
     return {27: "text8", 50257: "openwebtext"}.get(vocab_size, "")
+
+
+# ---- text <-> ids -----------------------------------------------------------------------------------
+MASK_GLYPH = "\u2588"
+
+
+class Codec:
+    """Token ids <-> text for a dataset: characters from meta.pkl's itos, or a tiktoken BPE."""
+
+    def __init__(self, vocab_size, itos=None, bpe=None):
+        self.vocab_size, self.mask_id, self.itos, self.bpe = vocab_size, vocab_size, itos, bpe
+        self.stoi = {c: i for i, c in itos.items()} if itos else None
+        self.placeholders = {MASK_GLYPH, "?"} if itos and "?" not in self.stoi else {MASK_GLYPH}
+
+    def encode(self, text, template=False):
+        """Text -> ids; with template=True each placeholder becomes the mask id."""
+        if self.itos:
+            if not template:
+                text = text.lower()
+            bad = [c for c in text if c not in self.stoi and not (template and c in self.placeholders)]
+            if bad:
+                raise UserError(f"character {bad[0]!r} is not in this model's alphabet "
+                                f"({''.join(sorted(self.stoi))!r})")
+            return [self.mask_id if c in self.placeholders else self.stoi[c] for c in text]
+        ids, piece = [], ""
+        for c in text + "\0":
+            if (template and c in self.placeholders) or c == "\0":
+                ids += self.bpe.encode_ordinary(piece) if piece else []
+                piece = ""
+                if c != "\0":
+                    ids.append(self.mask_id)
+            else:
+                piece += c
+        return ids
+
+    def decode(self, ids, view=False):
+        """ids -> text; the mask shows as the glyph; view=True also shows space as _ (text8)."""
+        if self.itos:
+            out = "".join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
+            return out.replace(" ", "_") if view else out
+        out, run = [], []
+        for i in list(ids) + [None]:
+            if i is None or i == self.mask_id:
+                if run:
+                    out.append(self.bpe.decode(run))
+                    run = []
+                if i is not None:
+                    out.append(MASK_GLYPH)
+            else:
+                run.append(i)
+        text = "".join(out)
+        return text.replace("\n", "\u21b5") if view else text
+
+
+def load_codec(vocab_size, dataset, data_dir=None):
+    """The codec for a model: data_dir/meta.pkl if given and present, else the dataset's default."""
+    meta_path = os.path.join(data_dir or os.path.join("data", dataset or "text8"), "meta.pkl")
+    meta = None
+    if os.path.exists(meta_path):
+        with open(meta_path, "rb") as f:
+            meta = pickle.load(f)
+    if meta and meta.get("itos"):
+        return Codec(vocab_size, itos=meta["itos"])
+    if meta and meta.get("tiktoken"):
+        import tiktoken
+        return Codec(vocab_size, bpe=tiktoken.Encoding(**meta["tiktoken"]))
+    if vocab_size == 27:
+        return Codec(vocab_size, itos={i: c for i, c in enumerate(" abcdefghijklmnopqrstuvwxyz")})
+    if vocab_size == 50257:
+        import tiktoken
+        try:
+            gpt2 = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"cannot load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded once "
+                            f"and cached: run once with network access, or set TIKTOKEN_CACHE_DIR")
+        return Codec(vocab_size, bpe=gpt2)
+    raise UserError(f"no tokenizer for vocab_size {vocab_size}: pass --data_dir with its meta.pkl")
 
 
 # ---- process groups (torchrun) -----------------------------------------------------------------------
@@ -123,36 +202,7 @@ def ddp_shutdown():
     torch.distributed.destroy_process_group()
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------
-EMA_PREFIX = "ema_model."
-
-
-def model_classes():
-    """Every model class a checkpoint can name (model_cls), by class name."""
-    from ar import AR
-    from bd3lm import BD3LM
-    from d3pm import D3PMAbsorbing
-    from mdlm import MDLM
-    return {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM)}
-
-
-def descendants(pid):
-    """The processes below pid (Linux /proc; [] elsewhere or once pid is gone). torchrun starts each worker in a
-    session of its own, so killing torchrun's process group alone leaves them running."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            for tid in os.listdir(f"/proc/{parent}/task"):
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                found += kids
-                todo += kids
-        except OSError:
-            pass
-    return found
-
-
+# ---- checkpoints ----------------------------------------------------------------------------------
 def check_length(model, seq_len):
     """A one-line error if the model cannot take windows of seq_len tokens (block diffusion: a multiple of its
     block size); models without a check_length method take any length."""
@@ -175,45 +225,6 @@ def atomic_save(obj, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load a checkpoint in the nanoDD layout, or raise ValueError / FileNotFoundError saying why."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, not a torch file...
-        raise ValueError(f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
-                         f"({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_cls", "model_args"} <= set(ckpt):
-        raise ValueError(f"{path} is not a nanoDD checkpoint (needs keys model, model_cls, model_args)")
-    known = model_classes()
-    if ckpt["model_cls"] not in known:
-        raise ValueError(f"{path}: unknown model class {ckpt['model_cls']!r} (known: {', '.join(known)})")
-    return ckpt
-
-
-def load_checkpoint(path, ema=True, map_location="cpu"):
-    """Build the model stored in a nanoDD checkpoint, with its EMA weights (default) or raw weights.
-
-    Returns the model in eval mode on map_location; the raw dict is on model.checkpoint_meta
-    (without weights) for callers that want model_args / training_args / iter_num.
-    """
-    ckpt = read_checkpoint(path, map_location)
-    model = model_classes()[ckpt["model_cls"]](**ckpt["model_args"])
-    state = ckpt["model"]
-    if ema:
-        if "ema" not in ckpt:
-            raise ValueError(f"{path} has no EMA weights; use the raw weights (--no-ema)")
-        state = {k[len(EMA_PREFIX):]: v for k, v in ckpt["ema"].items() if k.startswith(EMA_PREFIX)}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match {ckpt['model_cls']}"
-                         f"({ckpt['model_args']}): {str(e).splitlines()[0]}") from None
-    model.checkpoint_meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer")}
-    return model.to(map_location).eval()
 
 
 def newest_checkpoint(run_dir):

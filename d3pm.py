@@ -22,31 +22,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from model import DiT
+from model import CrossEntropy, DiT
 from sampling import confidence_decode, draw, remask_decode, unmask_at_event_times
-
-
-class CrossEntropy(torch.autograd.Function):
-    """Per-row -log softmax(logits)[target] for (N, K) logits, as F.cross_entropy(reduction="none"),
-    but keeping only the logits for backward (grad = softmax - onehot, built in one new tensor).
-    At K = 50258 that is two (N, K) float32 tensors at the backward peak instead of three."""
-
-    @staticmethod
-    def forward(ctx, logits, target):
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, lse, target)
-        return lse - logits.gather(-1, target[:, None]).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, lse, target = ctx.saved_tensors
-        g = logits - lse[:, None]
-        g.exp_()
-        g.scatter_add_(-1, target[:, None], torch.full_like(lse[:, None], -1.0))
-        g.mul_(grad[:, None])
-        return g, None
 
 
 class D3PMAbsorbing(nn.Module):
@@ -120,14 +98,16 @@ class D3PMAbsorbing(nn.Module):
                        bpt=l_T.detach() / math.log(2))
         return logits, loss, metrics
 
-    def bound_name(self):
+    def bound_name(self, T=None):
         return f"{self.T}-step bound"
 
-    def batch_bound(self, x0, offset, generator=None):
+    def batch_bound(self, x0, offset, generator=None, T=None):
         """One unbiased, stratified estimate of L_T (nats/token, float64 0-dim) from a (B, L) batch, B >= 2;
         offset U in [0, 1). Row 0 is scored at t = 0 (the reconstruction term, weight 1); rows i = 1..B-1 at
         t_i = 1 + floor((i - 1 + U)(T - 1)/(B - 1)): every stratum of {1..T-1} once, each t_i uniform in
-        its stratum, so (T - 1) mean_i kl_{t_i} + ce_0 has expectation L_T."""
+        its stratum, so (T - 1) mean_i kl_{t_i} + ce_0 has expectation L_T. T: only the model's own."""
+        if T not in (None, self.T):
+            raise ValueError(f"the D3PM's bound has its own T = {self.T}; --T applies to continuous-time models")
         B, T = x0.shape[0], self.T
         i = torch.arange(B - 1, device=x0.device, dtype=torch.float64)
         t_kl = 1 + torch.floor((i + offset) / (B - 1) * (T - 1)).long().clamp(max=T - 2)
@@ -190,7 +170,3 @@ class D3PMAbsorbing(nn.Module):
         u = torch.rand((B, L), dtype=torch.float64, device=x.device, generator=generator)
         every_step = None if cache else grid[1:].flip(0)
         return unmask_at_event_times(self.logits, x, tau, u, self.mask_id, callback, every_step, **opts)
-
-
-# checkpoints of every model class load here too (the original's entry point: from d3pm import load_checkpoint)
-from common import load_checkpoint, read_checkpoint  # noqa: E402,F401

@@ -44,7 +44,7 @@ def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
 
 @torch.no_grad()
 def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batches=10, seed=0,
-             rank=0, world_size=1, progress=None):
+             rank=0, world_size=1, progress=None, T=None):
     """Draw batch estimates (bits/token) until the standard error < target_se or max_batches.
     Under torch.distributed each rank draws its own batches; all ranks see the combined list."""
     dev = next(model.parameters()).device
@@ -57,7 +57,7 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
     while not max_batches or len(estimates) < max_batches:
         x0 = random_windows(data, batch_size, seq_len, model.vocab_size, rng, dev)
         offset = float(torch.rand((), generator=gen, device=dev))
-        mine = model.batch_bound(x0, offset, gen).reshape(1) / math.log(2)
+        mine = model.batch_bound(x0, offset, gen, T=T).reshape(1) / math.log(2)
         if world_size > 1:
             mine = torch.cat(all_gather(everyone, send.copy_(mine)))
         estimates += mine.tolist()
@@ -106,25 +106,9 @@ def read_samples(path):
     return [t.strip("\n") for t in content.split("\n\n") if t.strip()], None
 
 
-def quality(texts, ids, judge, data_dir=None):
-    """Sample quality under a judge (judge.py): gen_ppl and gen_bpt pooled over all scored tokens (the
-    texts, in the judge's tokens), the mean unigram entropy (bits) of each sample's own tokens (ids if
-    given, else the judge's), and for a character corpus (data_dir with itos) in_vocab, the share of
-    generated words that occur in its training split."""
-    from judge import in_vocab, score_samples, train_words, unigram_entropy_bits
-    result = score_samples(judge, texts)
-    result["entropy"] = unigram_entropy_bits(ids if ids is not None else [judge.encode(t) for t in texts])
-    if data_dir and os.path.exists(os.path.join(data_dir, "meta.pkl")):
-        try:
-            result["in_vocab"] = in_vocab(texts, train_words(data_dir))
-        except UserError:
-            pass  # a BPE corpus: no word list
-    return result
-
-
 def judge_main(args, dev):
     """evaluate.py --samples FILE --judge JUDGE: the quality of generated samples."""
-    from judge import load_judge
+    from judge import load_judge, quality
     texts, ids = read_samples(args.samples)
     if not texts:
         raise UserError(f"--samples {args.samples} holds no samples")
@@ -151,8 +135,8 @@ def main(argv=None):
     p.add_argument("--data_dir", default="", help="dataset directory (default data/text8 or data/openwebtext)")
     p.add_argument("--batch_size", type=int, default=64, help="windows per batch (one network call)")
     p.add_argument("--seq_len", type=int, default=0, help="tokens per window (default: the checkpoint's training length)")
-    p.add_argument("--T", type=int, default=0, help="continuous-time models: score the T-step bound instead of the "
-                   "continuous NELBO")
+    p.add_argument("--T", type=int, default=None, help="continuous-time models: score the T-step bound instead of "
+                   "the continuous NELBO")
     p.add_argument("--target_se", type=float, default=0.002, help="stop when the standard error (bits) is below")
     p.add_argument("--max_batches", type=int, default=0,
                    help="stop after this many batches (0: no limit; under torchrun a multiple of the world size)")
@@ -178,10 +162,6 @@ def main(argv=None):
     if ddp:
         ddp_init("nccl" if dev.type == "cuda" else "gloo")
     model = open_model(args.ckpt, args.ema, dev)
-    if args.T:
-        if not getattr(model, "continuous", False):
-            raise UserError(f"--T applies to continuous-time models; {type(model).__name__} has a fixed bound")
-        model.T = args.T
     trained = model.checkpoint_meta.get("training_args", {})
     dataset = trained.get("dataset") or default_dataset(model.vocab_size)
     data_dir = args.data_dir or os.path.join("data", dataset or "text8")
@@ -196,14 +176,17 @@ def main(argv=None):
         from tqdm import tqdm
         progress = tqdm(desc=f"{args.split} bound", unit="batch", total=args.max_batches or None,
                         dynamic_ncols=True, mininterval=0.5, disable=None)  # disable=None: off when not a TTY
-    estimates = estimate(model, data, args.batch_size, seq_len, args.target_se, args.max_batches,
-                         seed=args.seed, rank=rank, world_size=world_size, progress=progress)
+    try:
+        estimates = estimate(model, data, args.batch_size, seq_len, args.target_se, args.max_batches,
+                             seed=args.seed, rank=rank, world_size=world_size, progress=progress, T=args.T)
+    except ValueError as e:  # what this model's bound does not offer (--T for a fixed bound)
+        raise UserError(str(e))
     if progress is not None:
         progress.close()
     bpt, se = summarize(estimates)
     result = {"bpt": bpt, "se": se, "ci95": [bpt - 1.96 * se, bpt + 1.96 * se], "network_calls": len(estimates),
               "tokens": len(estimates) * args.batch_size * seq_len, "batches": len(estimates),
-              "split": args.split, "model": type(model).__name__, "bound": model.bound_name(), "T": model.T}
+              "split": args.split, "model": type(model).__name__, "bound": model.bound_name(args.T), "T": args.T}
     if rank == 0:
         if args.json:  # strict JSON: an undefined standard error (one batch) is null
             finite = math.isfinite(se)

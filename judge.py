@@ -6,6 +6,7 @@ The judge: scores generated samples with a fixed autoregressive model, for sampl
     score_samples(judge, texts)   -> {gen_bpt, gen_ppl, tokens, nll_nats, samples}
     unigram_entropy_bits(ids)     -> mean per-sample unigram entropy, bits
     in_vocab(texts, train_words(data_dir)) -> share of generated words seen in the training split
+    quality(texts, ids, judge, data_dir)   -> all of the above at once (evaluate.py --samples, bench.py)
 
 A judge reads a start token followed by the sample: the first token is predicted from the start token
 alone, every token is scored exactly once. A sample longer than the judge's context C (the longest input
@@ -28,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, default_dataset, load_checkpoint, resolve_checkpoint
+from common import UserError, default_dataset, load_codec, resolve_checkpoint
+from families import load_checkpoint
 
 # ---- GPT-2 ------------------------------------------------------------------------------------------
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),  # name: (n_layer, n_head, n_embd)
@@ -272,7 +274,6 @@ def load_judge(spec, data_dir=None, device="cpu", ema=True):
         raise UserError(f"judge {spec} is a {cls} checkpoint; a judge must be autoregressive (an AR checkpoint "
                         f"or one of {', '.join(GPT2_SIZES)})")
     trained = model.checkpoint_meta.get("training_args") or {}
-    from sample import load_codec
     try:
         codec = load_codec(model.vocab_size, trained.get("dataset") or default_dataset(model.vocab_size), data_dir)
     except UserError:
@@ -419,3 +420,18 @@ def in_vocab(texts, words):
             total += 1
             found += w in words
     return found / total if total else float("nan")
+
+
+def quality(texts, ids, judge, data_dir=None):
+    """Sample quality under a judge (judge.py): gen_ppl and gen_bpt pooled over all scored tokens (the
+    texts, in the judge's tokens), the mean unigram entropy (bits) of each sample's own tokens (ids if
+    given, else the judge's), and for a character corpus (data_dir with itos) in_vocab, the share of
+    generated words that occur in its training split."""
+    result = score_samples(judge, texts)
+    result["entropy"] = unigram_entropy_bits(ids if ids is not None else [judge.encode(t) for t in texts])
+    if data_dir and os.path.exists(os.path.join(data_dir, "meta.pkl")):
+        try:
+            result["in_vocab"] = in_vocab(texts, train_words(data_dir))
+        except UserError:
+            pass  # a BPE corpus: no word list
+    return result

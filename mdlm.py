@@ -32,8 +32,7 @@ import math
 import torch
 import torch.nn as nn
 
-from d3pm import CrossEntropy
-from model import DiT
+from model import CrossEntropy, DiT
 from sampling import confidence_decode, remask_decode, unmask_at_event_times
 
 
@@ -47,7 +46,6 @@ class MDLM(nn.Module):
         self.mask_id = vocab_size
         self.schedule, self.time_conditioning = schedule, time_conditioning
         self.antithetic, self.t_eps = antithetic, t_eps
-        self.T = 0  # continuous time; evaluate.py --T N sets a discrete T-step bound instead
         self.net = DiT(vocab_size + 1, n_embed, n_heads, n_blocks, n_cond, dropout)
 
     # ---- schedule -----------------------------------------------------------------------------------
@@ -120,27 +118,25 @@ class MDLM(nn.Module):
         return logits, loss, metrics
 
     # ---- the bound, for evaluate.py ---------------------------------------------------------------------
-    continuous = True  # evaluate.py --T N may set a discrete T
+    def bound_name(self, T=None):
+        return f"{T}-step bound" if T else "continuous NELBO"
 
-    def bound_name(self):
-        return f"{self.T}-step bound" if self.T else "continuous NELBO"
-
-    def batch_bound(self, x0, offset, generator=None):
+    def batch_bound(self, x0, offset, generator=None, T=None):
         """One unbiased estimate (float64 0-dim, nats/token) of the bound on a (B, L) batch; offset in [0, 1)
-        stratifies the batch. T = 0: the whole continuous NELBO (see the top of this file): row i gets
+        stratifies the batch. T = None: the whole continuous NELBO (see the top of this file): row i gets
         k_i = 1 + floor((i + offset) L / B) masked positions at random, u_i ~ Beta(k_i, L - k_i + 1), and
         scores the mean masked cross-entropy; each stratum of k has probability 1/B, so the batch mean is
-        unbiased. T > 0: the T-step bound, row i at step j_i = 1 + floor((i + offset) T / B), weight T."""
+        unbiased. T = N: the N-step bound, row i at step j_i = 1 + floor((i + offset) N / B), weight N."""
         B, L = x0.shape
         dev = x0.device
         i = torch.arange(B, dtype=torch.float64, device=dev)
-        if self.T:
-            j = (1 + torch.floor((i + offset) / B * self.T)).clamp(max=self.T)
-            t, s = j / self.T, (j - 1) / self.T
+        if T:
+            j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
+            t, s = j / T, (j - 1) / T
             x_t = self.q_sample(x0, t, generator)
             w = (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t))
             ce = self.masked_ce(self.logits(x_t, t), x0, x_t).double().sum(1)
-            return self.T * (w.to(dev) * ce).mean() / L
+            return T * (w.to(dev) * ce).mean() / L
         k = (1 + torch.floor((i + offset) / B * L)).clamp(max=L)
         u = beta_sample(k, L - k + 1, generator)
         t = self.alpha_inverse(1 - u)

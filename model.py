@@ -10,12 +10,13 @@ The Diffusion Transformer (DiT) that predicts clean tokens from a partly masked 
         h = h + gate_mlp * MLP(modulate(LN(h), shift_mlp, scale_mlp))
     logits = modulate(LN(h), shift, scale) @ vocab_embed.T   (B, L, K), tied weights
 
+CrossEntropy (at the end) is the memory-lean per-token loss every family uses.
+
 Options for the other model families: causal=True (ar.py), an explicit attention mask (a bool tensor
 for SDPA, or a FlexAttention BlockMask) and rotary positions (block diffusion), and a KVCache of earlier
 positions' keys/values for left-to-right sampling.
 
-Module and parameter names give exactly the state-dict keys of the published nanoDD
-checkpoints (see ../shared/reference/nanodd-compat.md, sections 2-3).
+Module and parameter names give exactly the state-dict keys of the published nanoDD checkpoints.
 """
 import math
 
@@ -110,11 +111,8 @@ class KVCache:
 
 
 class DiTBlock(nn.Module):
-    """Attention layout: one (B, L, 3, H, d) projection, q and k rotated into new tensors and v copied out,
-    so that SDPA keeps exactly q, k, v (3 x B L n floats) for backward and the projection is freed. Handing
-    SDPA v as a view of the projection instead keeps the whole (B, L, 3n) projection alive next to the
-    rotated q and k: 5 B L n per block, +8% peak memory of a training step at n_embed 256 (bench.py
-    --mode=backbone). nanoDD rotates q, k, v in one op (cos, sin = 1, 0 on v): the same memory, a slower pass."""
+    """One adaLN transformer block. Attention: one (B, L, 3, H, d) projection; q and k are rotated into new
+    tensors and v gets its own storage, so that SDPA keeps only q, k, v for backward and the projection is freed."""
 
     def __init__(self, n_embed, n_heads, n_cond, dropout, causal=False):
         super().__init__()
@@ -139,7 +137,7 @@ class DiTBlock(nn.Module):
 
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, n // self.n_heads).unbind(dim=2)
-        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.clone()  # v: own storage, see above
+        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.clone()  # v.clone(): see the docstring
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.extend(index, k, v, store)
@@ -197,3 +195,24 @@ class DiT(nn.Module):
             h = modulate(self.norm_final(h), shift, scale)
             logits = h @ self.vocab_embed.weight.t()
         return logits.float()
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Per-row -log softmax(logits)[target] for (N, K) logits, as F.cross_entropy(reduction="none"), the loss
+    of every family. Only the logits are kept for backward (grad = softmax - onehot, built in one new tensor):
+    two (N, K) float32 tensors at the backward peak instead of three."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, lse, target)
+        return lse - logits.gather(-1, target[:, None]).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, lse, target = ctx.saved_tensors
+        g = logits - lse[:, None]
+        g.exp_()
+        g.scatter_add_(-1, target[:, None], torch.full_like(lse[:, None], -1.0))
+        g.mul_(grad[:, None])
+        return g, None

@@ -29,93 +29,14 @@ text is printed. --json prints one JSON object instead.
 """
 import argparse
 import json
-import os
-import pickle
 import shutil
 import sys
 import time
 
 import torch
 
-from common import UserError, default_dataset, open_model, pick_device
+from common import UserError, default_dataset, load_codec, open_model, pick_device
 from sampling import generate_long
-
-MASK_GLYPH = "\u2588"
-
-
-# ---- text <-> ids -----------------------------------------------------------------------------------
-class Codec:
-    """Token ids <-> text for a dataset: characters from meta.pkl's itos, or a tiktoken BPE."""
-
-    def __init__(self, vocab_size, itos=None, bpe=None):
-        self.vocab_size, self.mask_id, self.itos, self.bpe = vocab_size, vocab_size, itos, bpe
-        self.stoi = {c: i for i, c in itos.items()} if itos else None
-        self.placeholders = {MASK_GLYPH, "?"} if itos and "?" not in self.stoi else {MASK_GLYPH}
-
-    def encode(self, text, template=False):
-        """Text -> ids; with template=True each placeholder becomes the mask id."""
-        if self.itos:
-            if not template:
-                text = text.lower()
-            bad = [c for c in text if c not in self.stoi and not (template and c in self.placeholders)]
-            if bad:
-                raise UserError(f"character {bad[0]!r} is not in this model's alphabet "
-                                f"({''.join(sorted(self.stoi))!r})")
-            return [self.mask_id if c in self.placeholders else self.stoi[c] for c in text]
-        ids, piece = [], ""
-        for c in text + "\0":
-            if (template and c in self.placeholders) or c == "\0":
-                ids += self.bpe.encode_ordinary(piece) if piece else []
-                piece = ""
-                if c != "\0":
-                    ids.append(self.mask_id)
-            else:
-                piece += c
-        return ids
-
-    def decode(self, ids, view=False):
-        """ids -> text; the mask shows as the glyph; view=True also shows space as _ (text8)."""
-        if self.itos:
-            out = "".join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
-            return out.replace(" ", "_") if view else out
-        out, run = [], []
-        for i in list(ids) + [None]:
-            if i is None or i == self.mask_id:
-                if run:
-                    out.append(self.bpe.decode(run))
-                    run = []
-                if i is not None:
-                    out.append(MASK_GLYPH)
-            else:
-                run.append(i)
-        text = "".join(out)
-        return text.replace("\n", "\u21b5") if view else text
-
-
-def load_codec(vocab_size, dataset, data_dir=None):
-    """The codec for a model: data_dir/meta.pkl if given and present, else the dataset's default."""
-    meta_path = os.path.join(data_dir or os.path.join("data", dataset or "text8"), "meta.pkl")
-    meta = None
-    if os.path.exists(meta_path):
-        with open(meta_path, "rb") as f:
-            meta = pickle.load(f)
-    if meta and meta.get("itos"):
-        return Codec(vocab_size, itos=meta["itos"])
-    if meta and meta.get("tiktoken"):
-        import tiktoken
-        return Codec(vocab_size, bpe=tiktoken.Encoding(**meta["tiktoken"]))
-    if vocab_size == 27:
-        return Codec(vocab_size, itos={i: c for i, c in enumerate(" abcdefghijklmnopqrstuvwxyz")})
-    if vocab_size == 50257:
-        import tiktoken
-        try:
-            gpt2 = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise UserError(f"cannot load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded once "
-                            f"and cached: run once with network access, or set TIKTOKEN_CACHE_DIR")
-        return Codec(vocab_size, bpe=gpt2)
-    raise UserError(f"no tokenizer for vocab_size {vocab_size}: pass --data_dir with its meta.pkl")
-
 
 # ---- the live view ----------------------------------------------------------------------------------
 class LiveView:
@@ -274,7 +195,7 @@ def main(argv=None):
 
     if args.json:
         print(json.dumps({"samples": texts, "ids": ids, "network_calls": calls, "seconds": seconds,
-                          "steps": args.steps or model.T or None, "seed": args.seed, "sampler": args.sampler,
+                          "steps": args.steps, "seed": args.seed, "sampler": args.sampler,
                           "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}))
     else:
         if view:

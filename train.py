@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import time
@@ -27,7 +26,8 @@ import torch
 
 import configs
 from common import (UserError, all_gather, all_reduce, atomic_save, check_length, comm_buffer, dataset_vocab_size,
-                    ddp_init, ddp_shutdown, model_classes, newest_checkpoint, open_split, pick_device)
+                    ddp_init, ddp_shutdown, newest_checkpoint, open_split, pick_device)
+from families import FAMILIES
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
 # I/O
@@ -322,7 +322,7 @@ def main(argv):
     # model, EMA, optimizer, possibly from a checkpoint
     data_vocab = dataset_vocab_size(data_dir)
     if start is not None:
-        model_cls, model_args = model_classes()[start[1]["model_cls"]], start[1]["model_args"]
+        model_cls, model_args = FAMILIES[start[1]["model_cls"]], start[1]["model_args"]
         if data_vocab != model_args["vocab_size"]:
             raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the checkpoint {start[0]} has "
                             f"{model_args['vocab_size']}: resume on the dataset it was trained on")

@@ -104,7 +104,21 @@ def script_env(**extra):
     return env
 
 
-from common import descendants  # noqa: E402
+def descendants(pid):
+    """The processes below pid (Linux /proc; [] elsewhere or once pid is gone). torchrun starts each worker in a
+    session of its own, so killing torchrun's process group alone leaves them running."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                found += kids
+                todo += kids
+        except OSError:
+            pass
+    return found
 
 
 def kill_group(proc):

@@ -261,8 +261,8 @@ def nelbo5():
     return model, table, ce_table(model, context=False), per_token(table, [beta_closed(k) for k in K5])
 
 
-def batch_bound_estimates(model, copies, n, seed):
-    """model.batch_bound on batches of `copies` copies of the 81 sequences in a random order, each with a
+def batch_bound_estimates(model, copies, n, seed, T=None):
+    """model.batch_bound(..., T) on batches of `copies` copies of the 81 sequences in a random order, each with a
     fresh offset and the same generator."""
     base = torch.tensor(SEQS5).repeat(copies, 1)
     g = torch.Generator().manual_seed(seed)
@@ -270,7 +270,7 @@ def batch_bound_estimates(model, copies, n, seed):
     def one(_):
         perm = torch.randperm(base.shape[0], generator=g)
         with torch.no_grad():
-            return model.batch_bound(base[perm], float(torch.rand((), generator=g)), g)
+            return model.batch_bound(base[perm], float(torch.rand((), generator=g)), g, T=T)
     return estimates(one, n)
 
 
@@ -306,14 +306,13 @@ def test_batch_bound_continuous_unbiased(nelbo5):
 
 @pytest.mark.parametrize("schedule,N", [("linear", 2), ("cosine", 5)])
 def test_batch_bound_n_step_unbiased(nelbo5, schedule, N):
-    """model.T = N: the mean of batch_bound -> the brute-force N-step bound (per block, the sum over the grid
+    """T = N: the mean of batch_bound -> the brute-force N-step bound (per block, the sum over the grid
     of the step weights times the binomial masking probabilities). Rejects a weight N+1, masking at s instead
     of t, and (at N = 2, where it is far enough away for this sample size) the continuous NELBO: T ignored."""
     _, table, _, continuous = nelbo5
     model = make(seed=NELBO_SEED, schedule=schedule)
-    model.T = N
     exact = per_token(table, [n_step_coef(schedule, N, k) for k in K5])
-    mean, se = batch_bound_estimates(model, 4, 100, seed=2)
+    mean, se = batch_bound_estimates(model, 4, 100, seed=2, T=N)
     wrong = {f"weight {N + 1}": exact * (N + 1) / N,
              "masked at s": per_token(table, [n_step_coef(schedule, N, k, at_s=True) for k in K5])}
     if N == 2:
@@ -533,7 +532,7 @@ def test_draw_times_clipped_antithetic_and_mdlm_compatible():
     t_min = 0, t_max = 1, one block: exactly MDLM.draw_times (same generator state)."""
     B, nb = 16, 3
     model = make(t_min=0.3, t_max=0.8)
-    t = model.draw_times(B, CPU, torch.Generator().manual_seed(0), n_blocks=nb)
+    t = model.draw_times(B, CPU, torch.Generator().manual_seed(0), blocks=nb)
     assert t.shape == (B, nb) and t.dtype == torch.float64
     assert (t >= 0.3).all() and (t <= 0.8).all()
     gaps = t.sort(dim=0).values.diff(dim=0)
@@ -544,6 +543,6 @@ def test_draw_times_clipped_antithetic_and_mdlm_compatible():
     bd = make()
     md = MDLM(3, 16, 2, 1, 8, 0.0)
     for seed in range(3):
-        a = bd.draw_times(B, CPU, torch.Generator().manual_seed(seed), n_blocks=1)
+        a = bd.draw_times(B, CPU, torch.Generator().manual_seed(seed), blocks=1)
         assert a.shape == (B, 1)
         assert torch.equal(a[:, 0], md.draw_times(B, CPU, torch.Generator().manual_seed(seed)))

@@ -64,7 +64,7 @@ def test_sample_figures(records):
     model.eval()
     x = torch.full((3, sample["seq_len"]), model.mask_id)
     _, calls = model.sample(x, generator=torch.Generator().manual_seed(0), cache=True)
-    assert sample["T"] == model_args["T"] and sample["plain_calls"] == model_args["T"]
+    assert sample["plain_calls"] == model_args["T"]
     assert sample["fast_calls"] == calls and 0 < calls < model_args["T"]
     assert sample["speedup"] == pytest.approx(sample["plain_seconds"] / sample["fast_seconds"], rel=1e-9)
 

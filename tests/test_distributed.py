@@ -18,9 +18,9 @@ import shutil
 import pytest
 import torch
 
-import common
 import configs
 import evaluate
+import families
 import train
 from conftest import REPO_ROOT, call_main, describe, run_script, script_env
 from recorder import (adamw, big_batch_gradient, load_rank, optimizer_step, recording, set_params,
@@ -318,7 +318,7 @@ def test_distributed_evaluation_combines_the_ranks_exactly(run_a, root, tiny_tex
     assert [len(b) for b in bounds] == [3, 3] and result["batches"] == 6
     for e0 in bounds[0]:  # different windows (a wrong implementation seeds every rank alike)
         assert not any(same_batch(e0[1], e1[1]) for e1 in bounds[1])
-    model = common.load_checkpoint(str(ckpt))
+    model = families.load_checkpoint(str(ckpt))
     single = []
     for i in range(3):  # the order evaluate.py combines them in: batch i of rank 0, of rank 1, ...
         for rank in (0, 1):

@@ -15,6 +15,7 @@ import torch
 from conftest import REPO_ROOT
 
 import common  # noqa: E402
+import families  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 
@@ -60,12 +61,11 @@ def test_checkpoints_name_their_class_and_overrides(runs):
     assert ar["model_cls"] == "AR" and md["model_cls"] == "MDLM"
     assert md["model_args"]["time_conditioning"] is True and md["model_args"]["schedule"] == "cosine"
     assert md["iter_num"] == 8 and "resuming from" in runs["resumed_stdout"] and "MDLM" in runs["resumed_stdout"]
-    model = common.load_checkpoint(str(runs["dirs"]["mdlm"] / "last.pt"))
+    model = families.load_checkpoint(str(runs["dirs"]["mdlm"] / "last.pt"))
     assert type(model).__name__ == "MDLM" and model.time_conditioning and model.schedule == "cosine"
-    bd = common.load_checkpoint(str(runs["dirs"]["bd3lm"] / "last.pt"))
+    bd = families.load_checkpoint(str(runs["dirs"]["bd3lm"] / "last.pt"))
     assert type(bd).__name__ == "BD3LM" and bd.block_size == 8
-    from d3pm import load_checkpoint  # the original entry point loads every class
-    assert type(load_checkpoint(str(runs["dirs"]["ar"] / "ckpt.pt"))).__name__ == "AR"
+    assert type(families.load_checkpoint(str(runs["dirs"]["ar"] / "ckpt.pt"))).__name__ == "AR"
 
 
 def evaluate_json(capsys, *args):
@@ -138,7 +138,7 @@ def test_samples_scored_by_a_judge(runs, capsys, tmp_path):
     res = evaluate.main(["--samples", str(out), "--judge", str(runs["dirs"]["ar"]), "--data_dir", runs["data_dir"],
                          "--json"])
     ids = torch.tensor([json.loads(line)["ids"] for line in out.read_text().splitlines()])
-    judge_model = common.load_checkpoint(str(runs["dirs"]["ar"] / "ckpt.pt"))
+    judge_model = families.load_checkpoint(str(runs["dirs"]["ar"] / "ckpt.pt"))
     with torch.no_grad():
         exact = float(judge_model.batch_bound(ids))  # nats/token; 32 tokens fit the judge's context of 32
     assert res["tokens"] == ids.numel() and res["samples"] == 3

@@ -488,10 +488,10 @@ def test_sum_of_expected_kl_equals_enumerated_negative_elbo():
 
 
 def test_cross_entropy_function_matches_torch_and_its_gradient_is_exact():
-    """d3pm.CrossEntropy keeps only the logits for backward; values and gradients must equal
+    """model.CrossEntropy keeps only the logits for backward; values and gradients must equal
     F.cross_entropy's (with the mask column at -inf), and torch.autograd.gradcheck must pass."""
     import torch.nn.functional as F
-    from d3pm import CrossEntropy
+    from model import CrossEntropy
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 6, dtype=torch.float64, generator=g, requires_grad=True)
     y = torch.randint(0, 5, (40,), generator=g)

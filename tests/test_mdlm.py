@@ -232,8 +232,8 @@ def test_n_step_bound_converges_like_one_over_n(free, schedule):
 
 
 # ---- model.batch_bound --------------------------------------------------------------------------------------
-def batch_bound_estimates(model, seqs, copies, n, seed):
-    """Estimates of model.batch_bound on batches whose rows are a random permutation of `copies` copies of
+def batch_bound_estimates(model, seqs, copies, n, seed, T=None):
+    """Estimates of model.batch_bound(..., T) on batches whose rows are a random permutation of `copies` copies of
     seqs (exchangeable rows, like random data windows), each with a fresh uniform offset."""
     base = torch.tensor(seqs).repeat(copies, 1)
     g = torch.Generator().manual_seed(seed)
@@ -242,7 +242,7 @@ def batch_bound_estimates(model, seqs, copies, n, seed):
         perm = torch.randperm(base.shape[0], generator=g)
         offset = float(torch.rand((), generator=g))
         with torch.no_grad():
-            value = model.batch_bound(base[perm], offset, g)
+            value = model.batch_bound(base[perm], offset, g, T=T)
         assert value.dtype == torch.float64 and value.dim() == 0
         return value
     return estimates(one, n)
@@ -277,7 +277,6 @@ def test_batch_bound_continuous_unbiased_time_conditioned(tc_exact):
 @pytest.mark.parametrize("tc,schedule,N", [(False, "linear", 4), (True, "cosine", 16)])
 def test_batch_bound_n_step_unbiased(free, tc_exact, tc, schedule, N):
     model = make(tc, schedule)
-    model.T = N
     seqs = SUB if tc else SEQS
     if tc:
         table_fn = lambda t: ce_table(model, seqs, t)  # noqa: E731
@@ -286,7 +285,7 @@ def test_batch_bound_n_step_unbiased(free, tc_exact, tc, schedule, N):
         table_fn = lambda t: np.broadcast_to(free[1], (len(t),) + free[1].shape)  # noqa: E731
         continuous = nelbo_closed_form(free[1]).mean() / L
     exact = n_step_bound(table_fn, schedule, N).mean() / L
-    mean, se = batch_bound_estimates(model, seqs, 100 if tc else 20, 100, seed=3)
+    mean, se = batch_bound_estimates(model, seqs, 100 if tc else 20, 100, seed=3, T=N)
     wrong = {f"weight {N + 1} instead of {N}": exact * (N + 1) / N}
     if tc:
         wrong["the continuous NELBO (T ignored)"] = continuous

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import d3pm  # noqa: E402
+import families  # noqa: E402
 from d3pm import D3PMAbsorbing  # noqa: E402
 
 ARGS = dict(vocab_size=5, n_embed=16, n_heads=2, n_blocks=2, n_cond=8, dropout=0.0, T=20, lambda_ce=0.05)
@@ -339,7 +339,7 @@ def test_load_checkpoint_ema_and_raw(ckpt_setup):
     ref_ema = oracle_net(ema_sd, x, t, ARGS["n_heads"])
     assert (ref_raw - ref_ema).abs().max() > 1e-2  # the two weight sets are distinguishable
 
-    m = d3pm.load_checkpoint(str(path))
+    m = families.load_checkpoint(str(path))
     assert isinstance(m, D3PMAbsorbing)
     assert not m.training, "loaded model must be in eval mode"
     with torch.no_grad():
@@ -348,7 +348,7 @@ def test_load_checkpoint_ema_and_raw(ckpt_setup):
     for k, v in ema_sd.items():
         assert torch.equal(m.state_dict()[k], v), k
 
-    m_raw = d3pm.load_checkpoint(str(path), ema=False)
+    m_raw = families.load_checkpoint(str(path), ema=False)
     assert not m_raw.training
     with torch.no_grad():
         got_raw = m_raw.net(x, t)
@@ -362,7 +362,7 @@ def test_load_checkpoint_with_empty_optimizer(tmp_path):
     ck = build_checkpoint(ARGS, raw.state_dict(), ema.state_dict(), {})
     path = tmp_path / "ck.pt"
     torch.save(ck, path)
-    m = d3pm.load_checkpoint(path)  # pathlib path is fine too
+    m = families.load_checkpoint(path)  # pathlib path is fine too
     x, t = inputs(ARGS, seed=4)
     with torch.no_grad():
         assert_logits_close(m.net(x, t), oracle_net(ema.state_dict(), x, t, ARGS["n_heads"]))
@@ -370,7 +370,7 @@ def test_load_checkpoint_with_empty_optimizer(tmp_path):
 
 def _assert_value_error(path, *must_contain):
     with pytest.raises(ValueError) as ei:
-        d3pm.load_checkpoint(str(path))
+        families.load_checkpoint(str(path))
     msg = str(ei.value)
     assert msg.strip(), "empty error message"
     assert "\n" not in msg.strip(), f"message must be a single line: {msg!r}"
@@ -381,7 +381,7 @@ def _assert_value_error(path, *must_contain):
 
 def test_load_checkpoint_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
-        d3pm.load_checkpoint(str(tmp_path / "nope.pt"))
+        families.load_checkpoint(str(tmp_path / "nope.pt"))
 
 
 def test_load_checkpoint_random_bytes(tmp_path):

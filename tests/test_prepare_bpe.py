@@ -525,9 +525,9 @@ def test_error_non_string_document(tiny_bpe, tmp_path):
 
 
 def test_output_is_read_by_train_and_sample(tiny_bpe, tmp_path):
-    """train.py memory-maps the .bin files and reads vocab_size; sample.py rebuilds the tokenizer offline."""
+    """train.py memory-maps the .bin files and reads vocab_size; common.load_codec (sample.py) rebuilds the tokenizer
+    offline."""
     pytest.importorskip('torch')
-    import sample
     import common
     out = str(tmp_path / 'mine')
     prepare(DOCS[:9], DOCS[9:], out, tiny_bpe)
@@ -536,7 +536,7 @@ def test_output_is_read_by_train_and_sample(tiny_bpe, tmp_path):
         assert data.dtype == np.uint16
         np.testing.assert_array_equal(np.asarray(data, dtype=np.int64), expected_ids(tiny_bpe, docs))
     assert common.dataset_vocab_size(out) == tiny_bpe.n_vocab
-    codec = sample.load_codec(tiny_bpe.n_vocab, 'mine', out)
+    codec = common.load_codec(tiny_bpe.n_vocab, 'mine', out)
     assert codec.mask_id == tiny_bpe.n_vocab
     ids = codec.encode(DOCS[0])
     assert ids == tiny_bpe.encode_ordinary(DOCS[0]) and codec.decode(ids) == DOCS[0]

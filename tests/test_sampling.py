@@ -261,10 +261,10 @@ def test_remask_keeps_the_forward_marginals():
 def test_every_masked_family_samples_with_remasking(family):
     """sampler="remask" through each masked family's sample(): S calls (per block for block diffusion), no mask
     left, the given tokens kept."""
-    from common import model_classes
+    from families import FAMILIES
     args = dict(vocab_size=5, n_embed=16, n_heads=2, n_blocks=1, n_cond=8, dropout=0.0)
     extra = {"D3PMAbsorbing": dict(T=20, lambda_ce=0.05), "MDLM": {}, "BD3LM": dict(block_size=4)}[family]
-    model = model_classes()[family](**args, **extra).eval()
+    model = FAMILIES[family](**args, **extra).eval()
     x = torch.full((3, 8), model.mask_id)
     x[:, 0] = 2
     with torch.no_grad():

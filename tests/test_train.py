@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import configs
 import d3pm
+import families
 import train
 from common import UserError
 from conftest import call_main
@@ -129,9 +130,9 @@ def test_checkpoint_layout(runs, name):
     assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 1  # one entry per rank
     assert all(isinstance(v, torch.Tensor) for v in ckpt["rng"][0].values())
 
-    # d3pm.load_checkpoint: EMA weights by default, raw weights on request
-    m_ema = d3pm.load_checkpoint(str(path))
-    m_raw = d3pm.load_checkpoint(str(path), ema=False)
+    # families.load_checkpoint: EMA weights by default, raw weights on request
+    m_ema = families.load_checkpoint(str(path))
+    m_raw = families.load_checkpoint(str(path), ema=False)
     assert not m_ema.training and not m_raw.training
     assert_states_equal(m_raw.state_dict(), ckpt["model"], "raw weights")
     assert_states_equal(m_ema.state_dict(), {k[len("ema_model."):]: v for k, v in ema.items()

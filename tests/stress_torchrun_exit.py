@@ -4,8 +4,8 @@ the launches that do not exit 0, in particular those where every rank finished i
 in interpreter shutdown ("terminate called without an active exception", SIGABRT): the exit crash that
 common.ddp_shutdown() removes. Not a test (it takes long); run it after touching the distributed code:
 
-    OMP_NUM_THREADS=1 nice -n 10 python stress_torchrun_exit.py --launches=330 --what=both --jobs=2
-    python stress_torchrun_exit.py --launches=40 --what=evaluate
+    OMP_NUM_THREADS=1 nice -n 10 python tests/stress_torchrun_exit.py --launches=330 --what=both --jobs=2
+    python tests/stress_torchrun_exit.py --launches=40 --what=evaluate
 
 --what=train alternates a fresh 4-step run and a run resumed from the previous one (which loads per-rank
 RNG states and gathers them again), so every distributed code path of train.py runs: DDP with gradient
@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import descendants
+from conftest import descendants
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_ABORT = "terminate called without an active exception"
 
 
@@ -50,7 +50,7 @@ def write_data(root):
 
 
 def tree(pid):
-    """pid and the processes below it (common.descendants)."""
+    """pid and the processes below it (conftest.descendants)."""
     return [pid] + descendants(pid)
 
 
