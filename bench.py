@@ -3,7 +3,6 @@ Measure training, sampling and evaluation speed (and memory) on the current devi
 
     python bench.py d3pm_text8_cpu                          # all benchmarks, one JSON line each
     python bench.py d3pm_text8 --mode=train --compile=True  # CUDA: torch.compile on/off, --bf16=False
-    python bench.py d3pm_openwebtext_8gpu --mode=memory --batch_size=4 --seq_len=256
     python bench.py d3pm_text8_cpu --mode=sample --ckpt=out/d3pm_text8_cpu/ckpt.pt
     python bench.py --mode=suite                            # a GPU's whole check list, < 8 minutes
     python bench.py --mode=quality --ckpt=out/mdlm_text8_cpu/ckpt.pt --judge=out/ar_text8_cpu --data_dir=data/text8
@@ -14,9 +13,8 @@ Modes:
           FLOPs/token = 6 N + 12 n_blocks n_embed seq_len   (N = parameters incl. the tied output matrix;
           the second term is QK^T and AV of full, non-causal attention, forward + backward)
           divided by the GPU's dense bf16 peak (H100/H200: 989 TFLOP/s; override with --peak_tflops).
-  memory  peak memory of one training step with the closed-form loss vs the same step with full
-          (B, L, K) posterior tensors, each in a fresh process; step_mem is the peak minus what was
-          in use before the step (model, optimizer state not yet allocated, data).
+          step_mem_MB is the peak minus what was in use before the step (model, data; the optimizer state
+          is not yet allocated). dev/ablations.py compares variants of this step (settled ablations).
   sample  tokens/s and network calls of the model's sampler (first-hitting / KV cache) vs the same
           sampler calling the network at every step, or block diffusion re-reading its history at every call
           (cache=False; identical samples, checked: "identical"). --seq_len beyond the training length works
@@ -26,8 +24,6 @@ Modes:
           random times), from the spread of --eval_batches per-batch estimates of each.
   quality sample quality against network calls: every sampler of --quality_samplers at each of
           --quality_calls steps, and the exact sampler, scored by --judge (see bench_quality); --plot.
-  backbone our DiTBlock vs a reference block with nanoDD's attention layout (bench_backbone): step
-          memory (one step, fresh process) and tokens/s (--steps), each in fresh processes, with ratios.
   suite   everything only a GPU can show, in one command with a deadline (see bench_suite): each family
           of --suite_configs at its published size with torch.compile and bf16 on and off, a 1-process
           torchrun (NCCL) training run, sampling speed. One JSON line each; failures are JSON lines too.
@@ -43,7 +39,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import configs
 from common import UserError, load_codec, open_split, pick_device
@@ -52,7 +47,7 @@ from families import load_checkpoint
 CONFIG_NAMES = configs.NAMES
 
 # ---- defaults, overridden by --key=value -------------------------------------------------------------
-mode = "all"  # train, memory, sample, eval, all (= train, sample, eval), suite (the GPU check list below)
+mode = "all"  # train, sample, eval, all (= train, sample, eval), quality, suite (the GPU check list below)
 batch_size = 0  # 0: the config's
 seq_len = 0  # 0: the config's
 vocab_size = 0  # 0: the config's (e.g. 50257 to bench the BPE output layer on a small model)
@@ -60,7 +55,6 @@ steps = 10  # timed training steps
 warmup = 3  # untimed steps first (compilation happens here)
 compile = False  # torch.compile the model (CUDA)
 bf16 = True  # bfloat16 autocast (CUDA)
-loss = "closed"  # closed (d3pm.py) or posterior (full (B, L, K) posterior tensors, for comparison)
 device = "auto"
 peak_tflops = 0.0  # 0: detect H100/H200/A100, else no MFU
 ckpt = ""  # sample/eval: a checkpoint instead of random weights
@@ -72,13 +66,11 @@ target_se = 0.01
 seed = 0
 suite_configs = "d3pm_text8,mdlm_text8,ar_text8,bd3lm_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
 suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
-child_timeout = 900.0  # memory: seconds for each child process (its process group is killed after it)
 judge = ""  # quality: the judge (an AR checkpoint or a GPT-2 name; see judge.py)
 quality_samplers = "ancestral,top_p0.9,confidence,confidence_margin"  # quality: the curves
 quality_calls = "8,16,32,64,128"  # quality: network calls (steps) per point; the exact sampler is added
 quality_samples = 32  # quality: sequences per point
 plot = ""  # quality: also draw the curve to this picture (needs matplotlib)
-layout = ""  # backbone: set in the mode's children ("ours" or "reference"), not by hand
 # -------------------------------------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -131,27 +123,6 @@ def detect_peak_tflops(dev):
     return next((v for k, v in {"H100": 989.0, "H200": 989.0, "A100": 312.0}.items() if k in name), 0.0)
 
 
-def posterior_loss_terms(model, logits, x0, x_noisy, t):
-    """The long-form KL with full (B, L, K) posteriors q(x_t | x_{t+1}, x_0) and p(x_t | x_{t+1}),
-    as a D3PM implementation without the closed form computes it (memory comparison only)."""
-    K, m = logits.shape[-1], model.mask_id
-    ab = model.ab64.float()
-    a_t, a_next = ab[t][:, None, None], ab[t + 1][:, None, None]
-    beta = 1 - a_next / a_t.clamp_min(1e-12)  # beta_{t+1}
-    mask_col = F.one_hot(torch.tensor(m, device=x0.device), K).float()
-    masked = (x_noisy == m)[..., None]
-    # q(x_{t+1} | x_t = k) for the observed x_{t+1}, as a function of k
-    fact1 = torch.where(masked, beta + (1 - beta) * mask_col, (1 - beta) * F.one_hot(x_noisy, K).float())
-    q = fact1 * (a_t * F.one_hot(x0, K).float() + (1 - a_t) * mask_col)
-    q = q / q.sum(-1, keepdim=True)
-    p = fact1 * (a_t * logits.softmax(-1) + (1 - a_t) * mask_col)
-    p = p / p.sum(-1, keepdim=True)
-    kl = (q * (q.clamp_min(1e-30).log() - p.clamp_min(1e-30).log())).sum(-1)
-    kl = torch.where((t >= 1)[:, None], kl, torch.zeros_like(kl))
-    ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
-    return kl, ce
-
-
 def build(config, dev):
     model_cls, model_args, training_args = getattr(configs, config)()
     if vocab_size:
@@ -163,10 +134,6 @@ def build(config, dev):
         torch.manual_seed(seed)
         model = model_cls(**model_args).to(dev)
     model.net.bf16 = bf16
-    if loss == "posterior":
-        if not hasattr(model, "loss_terms"):
-            raise UserError("--loss=posterior compares the D3PM's closed-form KL: use a d3pm_* config")
-        model.loss_terms = lambda *a: posterior_loss_terms(model, *a)
     B = batch_size or training_args.get("batch_size", 8)
     L = seq_len or training_args.get("seq_len", 256)
     return model, model_args, B, L
@@ -199,38 +166,11 @@ def bench_train(config, dev):
     emit({"bench": "train", "config": config, "device": str(dev), "gpu": torch.cuda.get_device_name(dev)
           if dev.type == "cuda" else None, "batch_size": B, "seq_len": L, "K": model.vocab_size + 1,
           "params_M": n_params / 1e6, "compile": compile and dev.type == "cuda", "bf16": bf16 and dev.type == "cuda",
-          "loss": loss, "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_s, "peak_mem_MB": peak_memory_mb(dev),
+          "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_s, "peak_mem_MB": peak_memory_mb(dev),
           "step_mem_MB": peak_memory_mb(dev) - base_mem,
           "flops_per_token": flops_per_token,
           "mfu": tokens_per_s * flops_per_token / (peak * 1e12) if peak else None,
           "final_loss": loss_value.item()})
-
-
-def bench_memory(config, dev):
-    """One training step (steps=1, warmup=0) per loss implementation, each in a fresh process."""
-    results = {}
-    for impl in ("closed", "posterior"):
-        argv = [sys.executable, os.path.abspath(__file__), config, "--mode=train", f"--loss={impl}", "--steps=1",
-                "--warmup=0", f"--batch_size={batch_size}", f"--seq_len={seq_len}", f"--vocab_size={vocab_size}",
-                f"--device={device}", f"--bf16={bf16}"]
-        rc, out, err = run_child(argv, child_timeout)
-        if rc != 0:
-            results[impl] = None
-            why = "timed out" if rc is None else err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
-            print(f"{impl}: failed ({why})", file=sys.stderr)
-            continue
-        results[impl] = json.loads(out.strip().splitlines()[-1])
-    closed, post = results["closed"], results["posterior"]
-    emit({"bench": "memory", "config": config, "device": str(dev),
-          "batch_size": closed and closed["batch_size"], "seq_len": closed and closed["seq_len"],
-          "K": closed and closed["K"], "closed_peak_MB": closed and closed["peak_mem_MB"],
-          "posterior_peak_MB": post and post["peak_mem_MB"],
-          "closed_step_MB": closed and closed["step_mem_MB"], "posterior_step_MB": post and post["step_mem_MB"],
-          "closed_tokens_per_s": closed and closed["tokens_per_s"],
-          "posterior_tokens_per_s": post and post["tokens_per_s"],
-          "closed_loss": closed and closed["final_loss"], "posterior_loss": post and post["final_loss"],
-          "step_mem_ratio": post["step_mem_MB"] / closed["step_mem_MB"]
-          if closed and post and closed["step_mem_MB"] > 0 else None})  # (tiny shapes can stay within the RSS)
 
 
 def bench_sample(config, dev):
@@ -441,78 +381,13 @@ def plot_quality(points, out, title):
     plt.close(fig)
 
 
-def bench_backbone(config, dev):
-    """One training step of our DiTBlock ("ours") against a reference written here with the original nanoDD
-    attention layout: rotate the contiguous (B, L, 3, H, d) qkv in one op, with cos, sin = 1, 0 on v, then
-    permute it to (3, B, H, L, d) for SDPA (same parameters and outputs, same loss to the bit).
-    step_MB is --mode=train's step_mem_MB of a one-step fresh process; on CPU that process runs with
-    MALLOC_MMAP_THRESHOLD_=65536 so that glibc hands freed tensors back at once and the peak RSS follows
-    the live tensors (with glibc's moving threshold it wanders by +-20% between identical runs).
-    tokens_per_s is the best of 3 alternating fresh processes per layout (--warmup, --steps)."""
-    if layout:  # a child: patch the reference in, then the ordinary train bench
-        if layout == "reference":
-            import model as M
-
-            def forward(self, x, cond, cos, sin, mask=None, cache=None, store=True, index=0):
-                assert mask is None and cache is None and not self.causal, "reference: training only"
-                B, L, n = x.shape
-                shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-                    self.adaLN_modulation(cond)[:, None, :].chunk(6, dim=-1)
-                qkv = self.attn_qkv(M.modulate(self.norm1(x), shift_msa, scale_msa))
-                cos3 = torch.stack([cos, cos, torch.ones_like(cos)], dim=2)  # (1, L, 3, 1, d)
-                sin3 = torch.stack([sin, sin, torch.zeros_like(sin)], dim=2)
-                qkv = M.apply_rotary(qkv.view(B, L, 3, self.n_heads, n // self.n_heads), cos3, sin3)
-                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-                h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, n)
-                x = x + gate_msa * self.dropout(self.attn_out(h))
-                return x + gate_mlp * self.dropout(self.mlp(M.modulate(self.norm2(x), shift_mlp, scale_mlp)))
-
-            M.DiTBlock.forward = forward
-        return bench_train(config, dev)
-    argv = [sys.executable, os.path.abspath(__file__), config, "--mode=backbone", f"--batch_size={batch_size}",
-            f"--seq_len={seq_len}", f"--vocab_size={vocab_size}", f"--device={device}", f"--bf16={bf16}",
-            f"--compile={compile}", f"--seed={seed}"]
-    mem, speed = {}, {"ours": [], "reference": []}
-    for i in range(4):  # round 0: memory (one step); rounds 1-3: speed, alternating
-        for name in speed:
-            more = ["--steps=1", "--warmup=0"] if i == 0 else [f"--steps={steps}", f"--warmup={warmup}"]
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if i == 0 else None
-            try:
-                out = subprocess.run(argv + [f"--layout={name}"] + more, capture_output=True, text=True, env=env,
-                                     timeout=600)
-            except subprocess.TimeoutExpired:
-                print(f"backbone {name}: timed out after 600 s", file=sys.stderr)
-                continue
-            if out.returncode != 0:
-                print(f"backbone {name}: failed ({(out.stderr.strip().splitlines() or [out.returncode])[-1]})",
-                      file=sys.stderr)
-                continue
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
-            if i == 0:
-                mem[name] = rec
-            else:
-                speed[name].append(rec["tokens_per_s"])
-    ours, ref = mem.get("ours"), mem.get("reference")
-    result = {"bench": "backbone", "config": config, "device": str(dev), "batch_size": ours and ours["batch_size"],
-              "seq_len": ours and ours["seq_len"], "K": ours and ours["K"]}
-    for name in speed:
-        rec = mem.get(name)
-        result.update({f"{name}_step_MB": rec and rec["step_mem_MB"], f"{name}_peak_MB": rec and rec["peak_mem_MB"],
-                       f"{name}_tokens_per_s": max(speed[name], default=None)})
-    result["step_mem_ratio"] = ours["step_mem_MB"] / ref["step_mem_MB"] if ours and ref else None
-    result["speed_ratio"] = (result["ours_tokens_per_s"] / result["reference_tokens_per_s"]
-                             if speed["ours"] and speed["reference"] else None)
-    result["same_loss"] = ours["final_loss"] == ref["final_loss"] if ours and ref else None
-    emit(result)
-
-
 def main(argv):
     config = parse(argv)
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    runs = {"train": bench_train, "memory": bench_memory, "sample": bench_sample, "eval": bench_eval,
-            "suite": bench_suite, "quality": bench_quality, "backbone": bench_backbone}
+    runs = {"train": bench_train, "sample": bench_sample, "eval": bench_eval,
+            "suite": bench_suite, "quality": bench_quality}
     if mode != "all" and mode not in runs:
         raise UserError(f"--mode={mode}: expected one of all, " + ", ".join(runs))
     for name in (["train", "sample", "eval"] if mode == "all" else [mode]):
