@@ -133,18 +133,14 @@ def load_codec(vocab_size, dataset, data_dir=None):
 
 
 # ---- process groups (torchrun) -----------------------------------------------------------------------
-# Teardown. Every gloo collective runs on one of the process group's worker threads, which keeps the
-# finished work (and with it the work's tensors) a moment after wait() has returned. If that thread drops
-# the last reference to a tensor that Python also had, it must take the GIL to free the Python object;
-# once the interpreter is finalizing it cannot, and the process aborts ("terminate called without an
-# active exception", SIGABRT) after the script has finished: torchrun then reports a failed run (about 3%
-# of 2-rank launches). The threads lived that long because the process group was never destroyed:
-# destroy_process_group() only drops torch's own references, and DDP had pinned the group (see ddp_init).
-# So: (1) every tensor handed to a collective comes from comm_buffer(), is reused, and lives as long as
-# the process (no collective of temporary or pickled Python objects: the RNG states travel as uint8
-# tensors); (2) collectives are waited for (all_reduce / all_gather below); (3) after the run the caller
-# drops its DDP wrapper and ddp_shutdown() destroys the group, which joins the worker threads before
-# main() returns, while Python still holds every tensor they saw (so joining cannot wait on the GIL).
+# Teardown. A gloo worker thread keeps a finished collective's tensors a moment after wait() returns; if it
+# drops the last reference to a tensor while the interpreter is finalizing, it cannot take the GIL and the
+# process aborts after the script has finished ("terminate called without an active exception"). So:
+# (1) every tensor handed to a collective comes from comm_buffer(), is reused and lives as long as the
+# process (no collectives of temporary or pickled objects: RNG states travel as uint8 tensors);
+# (2) collectives are waited for (all_reduce / all_gather below); (3) after the run the caller drops its DDP
+# wrapper (it pins the group) and ddp_shutdown() destroys the group, joining the worker threads while
+# Python still holds every tensor they saw.
 _COMM_BUFFERS = []
 
 

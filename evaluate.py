@@ -1,10 +1,7 @@
 """
-Estimate a model's own bound on the negative log-likelihood of a data split, in bits per token:
-
-    D3PM (d3pm.py)   the T-step bound L_T = sum_{t=1}^{T-1} E[kl_t] + E[ce_0]
-    MDLM (mdlm.py)   the continuous-time NELBO over all of [0, 1] (or, with --T N, its N-step bound)
-    AR (ar.py)       the exact negative log-likelihood (every window pays for all its tokens)
-    BD3LM (bd3lm.py) the sum over blocks of each block's continuous NELBO given the clean blocks before it
+Estimate a model's own bound on the negative log-likelihood of a data split, in bits per token (what
+model.bound_name() says: the D3PM's T-step bound, a masked model's continuous NELBO, the autoregressive
+model's exact NLL, block diffusion's sum of per-block NELBOs; --T N: the N-step bound of a continuous-time model):
 
     python evaluate.py out/d3pm_text8_cpu/ckpt.pt --split test
     python evaluate.py out/mdlm_text8_cpu/ckpt.pt --split test --T 64
@@ -181,8 +178,9 @@ def main(argv=None):
                              seed=args.seed, rank=rank, world_size=world_size, progress=progress, T=args.T)
     except ValueError as e:  # what this model's bound does not offer (--T for a fixed bound)
         raise UserError(str(e))
-    if progress is not None:
-        progress.close()
+    finally:
+        if progress is not None:
+            progress.close()
     bpt, se = summarize(estimates)
     result = {"bpt": bpt, "se": se, "ci95": [bpt - 1.96 * se, bpt + 1.96 * se], "network_calls": len(estimates),
               "tokens": len(estimates) * args.batch_size * seq_len, "batches": len(estimates),

@@ -190,3 +190,89 @@ def test_block_diffusion_stops_at_end_of_text():
     n = out.shape[1]
     assert n < 40 and n % 2 == 0 and torch.equal(out, full[:, :n])
     assert (out == 3).any(dim=1).all() and not (out[:, :n - 2] == 3).any(dim=1).all()
+
+
+# ---- the protocol of families.py, checked on every registered family ------------------------------------
+def tiny(cls_name):
+    """A tiny model of the family from its *_tiny config (each family registered in FAMILIES has one)."""
+    import configs
+    for name in configs.NAMES:
+        if name.endswith("_tiny"):
+            cls, model_args, _ = getattr(configs, name)()
+            if cls.__name__ == cls_name:
+                torch.manual_seed(0)
+                return cls(**model_args)
+    pytest.fail(f"{cls_name} is registered in families.FAMILIES but configs.py has no *_tiny config for it")
+
+
+@pytest.mark.parametrize("cls_name", list(families.FAMILIES))
+def test_every_family_provides_the_protocol(cls_name):
+    """What families.py's docstring promises, for every class in FAMILIES: vocab_size, mask_id and net;
+    forward -> (logits, loss, metrics with a 0-dim "bound"); batch_bound -> float64 0-dim, finite, T=None
+    its own bound, T=N either the N-step bound or a ValueError; bound_name(T) a string; sample fills
+    exactly the mask_id positions and returns (samples, calls); check_length (when present) rejects
+    with a ValueError."""
+    model = tiny(cls_name)
+    assert isinstance(model.vocab_size, int) and isinstance(model.mask_id, int) and model.net is not None
+    x0 = torch.randint(model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    logits, loss, metrics = model(x0)
+    assert loss.dim() == 0 and torch.isfinite(loss) and metrics["bound"].dim() == 0
+    model.eval()
+    with torch.no_grad():
+        own = model.batch_bound(x0, 0.5, torch.Generator().manual_seed(1))
+        assert own.dtype == torch.float64 and own.dim() == 0 and torch.isfinite(own)
+        try:
+            n_step = model.batch_bound(x0, 0.5, torch.Generator().manual_seed(1), T=4)
+            assert n_step.dtype == torch.float64 and torch.isfinite(n_step)
+        except ValueError:
+            pass
+    assert isinstance(model.bound_name(), str) and isinstance(model.bound_name(4), str)
+    x = x0.clone()
+    x[:, 8:] = model.mask_id
+    samples, calls = model.sample(x, generator=torch.Generator().manual_seed(2))
+    assert samples.shape == x.shape and torch.equal(samples[:, :8], x0[:, :8]) and calls >= 1
+    assert (samples[:, 8:] < model.vocab_size).all()
+    if hasattr(model, "check_length"):
+        model.check_length(16)
+
+
+SCRIPTS = ("train", "sample", "evaluate", "bench", "plot")
+
+
+def top_level_imports():
+    """{module: the repo's top-level modules it imports, anywhere in the file}."""
+    import ast
+    mods = {p.stem for p in REPO_ROOT.glob("*.py")}
+    graph = {}
+    for name in mods:
+        deps = set()
+        for node in ast.walk(ast.parse((REPO_ROOT / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module.split(".")[0])
+        graph[name] = (deps & mods) - {name}
+    return graph
+
+
+def test_imports_flow_one_way_and_scripts_name_no_family():
+    """No import circle among the top-level modules, no script imports a script, and no script imports a
+    family's file: the scripts reach the families through families.py (and configs.py) only."""
+    graph = top_level_imports()
+    done, visiting = set(), []
+
+    def visit(m):
+        assert m not in visiting, f"import circle: {' -> '.join(visiting[visiting.index(m):] + [m])}"
+        if m in done:
+            return
+        visiting.append(m)
+        for d in graph[m]:
+            visit(d)
+        visiting.pop()
+        done.add(m)
+    for m in graph:
+        visit(m)
+    family_files = {cls.__module__ for cls in families.FAMILIES.values()}
+    for s in SCRIPTS:
+        assert not graph[s] & set(SCRIPTS), f"{s}.py imports the script(s) {graph[s] & set(SCRIPTS)}"
+        assert not graph[s] & family_files, f"{s}.py imports a family's file directly: {graph[s] & family_files}"
