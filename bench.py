@@ -76,26 +76,14 @@ KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isins
 
 
 def parse(argv):
-    config = None
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nconfigs: " + ", ".join(CONFIG_NAMES) + "\noptions: "
-                  + " ".join(f"--{k}={globals()[k]!r}" for k in KEYS))
-            sys.exit(0)
-        if not arg.startswith("--"):
-            if arg not in CONFIG_NAMES:
-                raise UserError(f"unknown config {arg!r}; valid: " + ", ".join(CONFIG_NAMES))
-            config = arg
-            continue
-        key, _, text = arg[2:].partition("=")
-        if key not in KEYS:
-            raise UserError(f"unknown option --{key}; valid: " + ", ".join(KEYS))
-        kind = type(globals()[key])
-        try:
-            value = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
-        except ValueError:
-            raise UserError(f"--{key}={text}: expected {kind.__name__}")
-        globals()[key] = value
+    """[CONFIG] [--key=value ...] -> the config name (default d3pm_text8_cpu); the options, type-checked against the
+    defaults (configs.parse_overrides, as train.py's), set the globals. --help prints them and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nconfigs: " + ", ".join(CONFIG_NAMES) + "\noptions: "
+              + " ".join(f"--{k}={globals()[k]!r}" for k in KEYS))
+        sys.exit(0)
+    config, texts = configs.split_command_line(argv)
+    globals().update(configs.parse_overrides(texts, {k: globals()[k] for k in KEYS}))
     return config or "d3pm_text8_cpu"
 
 
@@ -311,7 +299,7 @@ SAMPLERS = {  # quality: name -> model.sample options
 def bench_quality(config, dev):
     """Sample quality against network calls (--ckpt, judged by --judge): for each sampler of
     --quality_samplers at each number of steps in --quality_calls, plus the model's exact sampler,
-    --quality_samples sequences of the checkpoint's length, scored by evaluate.quality (gen_ppl, gen_bpt,
+    --quality_samples sequences of the checkpoint's length, scored by judge.quality (gen_ppl, gen_bpt,
     entropy, in_vocab for character corpora). The reference: the same measures on windows of real text
     (--data_dir's test split). One JSON line per point; --plot draws the curves."""
     from judge import load_judge, quality

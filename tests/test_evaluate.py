@@ -189,7 +189,7 @@ def test_standard_error_is_calibrated(runs, exact_data_bpt):
 
 def biased_batch_estimate(variant):
     """D3PMAbsorbing.batch_bound with one plausible mistake."""
-    def fn(model, x0, offset, generator=None):
+    def fn(model, x0, offset, generator=None, **protocol_options):  # (T=None from evaluate.estimate)
         B = x0.shape[0]
         i = torch.arange(B - 1, dtype=torch.float64)
         t_kl = 1 + torch.floor((i + offset) / (B - 1) * (T - 1)).long().clamp(max=T - 2)
