@@ -164,6 +164,10 @@ class BD3LM(MDLM):
         return (ce / k).mean(0).mean()
 
     # ---- sampling -------------------------------------------------------------------------------------------
+    def sample_ancestral(self, x, steps, generator=None):
+        """MDLM's reference loop does not apply to blocks: sample() runs MDLM's sampler block by block."""
+        raise ValueError("block diffusion samples block by block: use sample()")
+
     def block_logits(self, x, start, end, kv, window_blocks):
         """logits_fn(x_block, t) for the block x[:, start:end]: with a KVCache kv, the block attends to the cached
         clean blocks; without one (kv None), the whole history x[:, :start] is read again with the sliding mask."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from model import CrossEntropy, DiT
-from sampling import confidence_decode, remask_decode, unmask_at_event_times
+from sampling import confidence_decode, draw, remask_decode, unmask_at_event_times
 
 
 class MDLM(nn.Module):
@@ -148,8 +148,26 @@ class MDLM(nn.Module):
 
     # ---- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
+    def sample_ancestral(self, x, steps, generator=None):
+        """The reference `steps`-step ancestral sampler, line by line as in the MDLM paper. x: (B, L) ids with
+        mask_id where tokens are to be generated. For j = steps..1, t_j = j/steps: predict p(x_0 | x_t) at t_j
+        and unmask each masked position w.p. (alpha(t_{j-1}) - alpha(t_j)) / (1 - alpha(t_j)) to a draw from it;
+        at j = 1 that is 1 (alpha(0) = 1, set exactly: the float cosine gives 1 - 1e-16), so nothing stays
+        masked. Given tokens never change. `steps` network calls."""
+        x = x.clone()
+        for j in range(steps, 0, -1):
+            t, s = j / steps, (j - 1) / steps
+            logits = self.logits(x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
+            p = (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t)) if j > 1 else 1.0  # alpha(0) = 1
+            u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+            unmask = (x == self.mask_id) & (u < p)
+            x[unmask] = draw(logits[unmask], generator)
+        return x
+
+    @torch.no_grad()
     def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", **opts):
         """Ancestral sampling of the masked positions of x (B, L); given tokens are never changed.
+        steps=N: the exact fast version of sample_ancestral(x, N) (same output distribution, <= N calls).
 
         Which positions unmask when does not depend on the network, so the unmask time tau of every
         masked position (and the uniform that draws its token) is drawn first; then the network is called

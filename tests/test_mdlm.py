@@ -567,6 +567,68 @@ def test_sampler_cache_given_tokens_and_calls(tc):
     assert calls_d == 0 and torch.equal(d, x[4:5])  # nothing to generate: no network call
 
 
+# ---- the reference sampler (sample_ancestral) and the fast one agree --------------------------------------
+@pytest.mark.parametrize("tc,schedule,start,N,wrong_names", [
+    (False, "linear", ALL, 3, ("N - 1 steps", "continuous")),
+    (False, "cosine", PROMPT, 2, ("N - 1 steps", "continuous")),
+    (True, "cosine", ALL, 4, ("network at s", "undivided", "N - 1 steps")),
+    (True, "linear", PROMPT, 5, ("network at s", "undivided", "N - 1 steps"))])
+def test_sample_ancestral_and_fast_sampler_same_distribution(tc, schedule, start, N, wrong_names):
+    """sample_ancestral (the plain N-call loop) and sample(steps=N) (first-hitting) both follow the exact
+    N-step chain (exact_ancestral), each by its own chi-square test. The two cannot share uniforms (the fast
+    one draws each position's unmask step by one multinomial), so they are compared through the oracle. Power:
+    each sample is rejected against plausible wrong references: a grid off by one step, and with time
+    conditioning the network at s = t_{j-1} and the unmask probability alpha(s) - alpha(t) not divided by
+    1 - alpha(t); for a time-free network (where the network's time is moot and the undivided probability
+    moves the distribution too little to test) the continuous process instead (steps ignored)."""
+    model = make(tc, schedule, seed=SAMPLER_SEED)
+    exact = exact_ancestral(model, start, schedule, N)
+    wrong = {
+        "network at s": lambda: exact_ancestral(model, start, schedule, N, time_of=lambda t, s: s),
+        "undivided": lambda: exact_ancestral(model, start, schedule, N,
+                                             step_prob=lambda t, s: alpha(schedule, s) - alpha(schedule, t)),
+        "N - 1 steps": lambda: exact_ancestral(model, start, schedule, N - 1),
+        "continuous": lambda: exact_any_order(model, start)}
+    wrong = {name: wrong[name]() for name in wrong_names}
+    x = torch.tensor([start] * 16_000)
+    given = [l for l in range(L) if start[l] != M]
+    ref = model.sample_ancestral(x, N, generator=torch.Generator().manual_seed(11))
+    fast, calls = model.sample(x, steps=N, generator=torch.Generator().manual_seed(12))
+    assert calls <= N
+    for name, samples in (("sample_ancestral", ref), ("sample", fast)):
+        assert torch.equal(samples[:, given], x[:, given]), f"{name}: a given token changed"
+        p = chisquare_pvalue(samples, exact)
+        assert p > 1e-4, f"{name}(steps={N}) does not follow the {N}-step ancestral chain (p = {p:.3g})"
+        for wrong_name, dist in wrong.items():
+            assert tv(dist, exact) > 0.04, wrong_name
+            q = chisquare_pvalue(samples, dist)
+            assert q < 1e-6, f"{name}: the chi-square test cannot tell '{wrong_name}' (p = {q:.3g})"
+
+
+@pytest.mark.parametrize("tc", [False, True])
+def test_sample_ancestral_calls_at_the_grid_and_fast_sampler_calls_fewer(tc):
+    """The reference calls the network exactly N times, at t_j = j/N for j = N..1, every row, even with
+    nothing to generate; the fast sampler at most N times (and at most L: one call per distinct unmask
+    step). Both fill every mask and keep the given tokens."""
+    model = make(tc, "cosine")
+    x = torch.tensor([[M, M, M], [0, M, 2], [M, 1, M], [2, 2, M], [1, 0, 2]]).repeat(20, 1)
+    seen = []
+    net = model.logits
+    model.logits = lambda x_t, t: seen.append((x_t.shape[0], t.clone())) or net(x_t, t)
+    for N in (1, 2, 7, 40):
+        seen.clear()
+        ref = model.sample_ancestral(x, N, generator=torch.Generator().manual_seed(N))
+        assert [n for n, _ in seen] == [len(x)] * N
+        assert all(torch.equal(t, torch.full((len(x),), j / N, dtype=torch.float64))
+                   for (_, t), j in zip(seen, range(N, 0, -1))), "not the grid t_j = j/N, j = N..1"
+        fast, calls = model.sample(x, steps=N, generator=torch.Generator().manual_seed(N))
+        assert calls <= min(N, L), (N, calls)
+        for out in (ref, fast):
+            assert (out != M).all() and torch.equal(out[x != M], x[x != M])
+    seen.clear()
+    assert torch.equal(model.sample_ancestral(x[4:5], 3), x[4:5]) and len(seen) == 3
+
+
 # ---- torch.compile ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tc", [False, True])
 def test_training_forward_traces_as_one_graph(tc):
