@@ -6,11 +6,15 @@ override the globals at the top of train.py. Pick one with `python train.py NAME
 The masked (mdlm_*), autoregressive (ar_*) and block-diffusion (bd3lm_*) configs use exactly the network, data,
 batch, learning-rate schedule and steps of the D3PM config of the same name, so the families are compared at
 equal budget. Override model arguments on the command line, e.g. `python train.py bd3lm_text8 --block_size=16`.
+
+split_command_line and parse_overrides read the `[CONFIG] [--key=value ...]` command line that train.py and
+bench.py share, each value type-checked against the default it replaces.
 """
 import inspect
 
 from ar import AR
 from bd3lm import BD3LM
+from common import UserError
 from d3pm import D3PMAbsorbing
 from mdlm import MDLM
 
@@ -50,9 +54,8 @@ def d3pm_openwebtext_32gpu():
 
 
 def d3pm_text8_cpu():
-    """A small model that a 2-core laptop trains in about 15 minutes (5500 steps of 32 x 128
-    characters, ~25k tokens/s) to samples with real words. Small and many steps beats larger and
-    fewer here: at equal wall time a 1M-parameter model was ahead of a 3M one (README)."""
+    """A 1M-parameter model that a 2-core laptop trains in about 15 minutes (5500 steps of 32 x 128
+    characters) to samples with real words (RESULTS.md: why small and many steps)."""
     model_args = dict(vocab_size=27, n_embed=128, n_heads=2, n_blocks=4, n_cond=64,
                       dropout=0.0, T=1000, lambda_ce=0.05)
     training_args = dict(dataset="text8", batch_size=32, seq_len=128, gradient_accumulation_steps=1,
@@ -171,3 +174,47 @@ def bd3lm_tiny():
 
 NAMES = [name for name, f in list(globals().items())
          if inspect.isfunction(f) and f.__module__ == __name__ and not name.startswith("_")]
+
+
+# ---- the command line of train.py and bench.py (after NAMES: these are not configs) -----------------------
+def split_command_line(argv):
+    """[CONFIG] [--key=value ...] -> (config name or None, {key: text}); anything else is a one-line UserError."""
+    config_name, texts = None, {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            texts[key] = text
+        elif config_name is None:
+            if arg not in NAMES:
+                raise UserError(f"unknown config {arg!r}; valid: " + ", ".join(NAMES))
+            config_name = arg
+        else:
+            raise UserError(f"unexpected argument {arg!r} (one config name, then --key=value options)")
+    return config_name, texts
+
+
+def parse_value(key, text, default):
+    """text as the type of `default` (bool: 1/true/yes/on or 0/false/no/off; int and float may hold _ as in
+    1_000), or a one-line UserError."""
+    kind = type(default)
+    if kind is str:
+        return text
+    if kind is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text.lower() in ("1", "true", "yes", "on")
+    if kind in (int, float):
+        try:
+            return kind(text.replace("_", ""))
+        except ValueError:
+            pass
+    raise UserError(f"--{key}={text}: expected {kind.__name__} (default is {default!r})")
+
+
+def parse_overrides(texts, defaults):
+    """{key: text} -> {key: value}, each text read as the type of defaults[key] (parse_value); a key that is not in
+    defaults is a one-line UserError listing the valid ones."""
+    for key in texts:
+        if key not in defaults:
+            raise UserError(f"unknown option --{key}; valid: " + ", ".join(defaults))
+    return {key: parse_value(key, text, defaults[key]) for key, text in texts.items()}

@@ -137,7 +137,8 @@ def main(argv=None):
     p.add_argument("--target_se", type=float, default=0.002, help="stop when the standard error (bits) is below")
     p.add_argument("--max_batches", type=int, default=0,
                    help="stop after this many batches (0: no limit; under torchrun a multiple of the world size)")
-    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--no_ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help=argparse.SUPPRESS)  # nanoDD's spelling
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")

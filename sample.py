@@ -96,9 +96,10 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="dataset directory whose meta.pkl holds the tokenizer")
     p.add_argument("--seq_len", type=int, default=0, help="tokens per sequence (default: the checkpoint's training length)")
     p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--no_ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help=argparse.SUPPRESS)  # nanoDD's spelling
     p.add_argument("--load_ema", type=lambda s: s.lower() in ("1", "true", "yes"), dest="ema",
-                   help="the original's flag: --load_ema false is --no-ema")
+                   help="the original's flag: --load_ema false is --no_ema")
     p.add_argument("--device", default="auto")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence", "remask"],
                    help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "

@@ -11,7 +11,8 @@ Many GPUs, one node or several, with DistributedDataParallel (gloo on CPU, NCCL 
         train.py d3pm_openwebtext_8gpu --out_dir=/shared/runs/owt
 
 The globals below are the defaults; the config function named first overrides them, then any
---key=value on the command line (type-checked against the default). --resume=DIR continues a run.
+--key=value on the command line (type-checked against the default, configs.parse_overrides; --no_compile is
+--compile=False). --resume=DIR continues a run.
 """
 import contextlib
 import json
@@ -66,8 +67,6 @@ compile = True  # torch.compile (CUDA only)
 training_seed = 1
 # faults
 max_bad_steps = 20  # stop after this many consecutive steps with a non-finite loss or gradient
-inject_nan = ""  # test-only fault injection: iterations (comma-separated, or "all") whose loss becomes NaN
-inject_crash = 0  # test-only: the last rank dies (os._exit) after this iteration, on the first attempt only
 # ------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -75,74 +74,41 @@ CONFIG_NAMES = configs.NAMES
 
 
 # ---- command line -------------------------------------------------------------------------------
-def parse_value(key, text, default):
-    """Convert text to the type of `default`, or raise UserError."""
-    kind = type(default)
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-    elif kind is str:
-        return text
-    else:
-        try:
-            value = float(text.replace("_", "")) if kind is float else int(text.replace("_", ""))
-            return value
-        except ValueError:
-            pass
-    raise UserError(f"--{key}={text}: expected {kind.__name__} (default is {default!r})")
+def print_help():
+    """The usage, the configs, and every option with its default."""
+    print(__doc__)
+    print("configs: " + ", ".join(CONFIG_NAMES))
+    print("options (--key=value; the defaults are shown):")
+    for k in CONFIG_KEYS:
+        print(f"  --{k}={globals()[k]!r}")
+    print("  --no_compile   same as --compile=False\n  --debug        show tracebacks")
+    print("  --KEY=VALUE for any key of the config's model_args (e.g. --time_conditioning=True) sets it too")
 
 
 def parse_args(argv):
-    """[CONFIG] [--key=value ...] [--no-compile] [--debug] -> (config name or None, {key: text})."""
-    config_name, overrides = None, {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            print("configs: " + ", ".join(CONFIG_NAMES))
-            print("options (--key=value; the defaults are shown):")
-            for k in CONFIG_KEYS:
-                print(f"  --{k}={globals()[k]!r}")
-            print("  --no-compile   same as --compile=False\n  --debug        show tracebacks")
-            print("  --KEY=VALUE for any key of the config's model_args (e.g. --time_conditioning=True) sets it too")
-            sys.exit(0)
-        if arg == "--no-compile":
-            overrides["compile"] = "False"
-        elif arg == "--debug":
-            pass
-        elif arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f"--{key} needs a value: --{key}=VALUE")
-            overrides[key] = text
-        elif config_name is None:
-            if arg not in CONFIG_NAMES:
-                raise UserError(f"unknown config {arg!r}; valid: " + ", ".join(CONFIG_NAMES))
-            config_name = arg
-        else:
-            raise UserError(f"unexpected argument {arg!r} (one config name, then --key=value options)")
-    return config_name, overrides
+    """[CONFIG] [--key=value ...] [--no_compile] [--debug] -> (config name or None, {key: text}); --help prints the
+    options and exits. (--no-compile, nanoDD's spelling, works too.)"""
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        sys.exit(0)
+    argv = ["--compile=False" if arg in ("--no_compile", "--no-compile") else arg for arg in argv if arg != "--debug"]
+    return configs.split_command_line(argv)
 
 
-def load_config(config_name, overrides):
-    """Apply the config function, then the overrides ({key: text}), to the globals; an override of a key of
-    the config's model_args changes the model instead. Returns (model_cls, model_args, changed, typed overrides)."""
+def load_config(config_name, texts):
+    """Apply the config function, then the overrides ({key: text}, type-checked by configs.parse_overrides), to the
+    globals; an override of a key of the config's model_args changes the model instead. Returns (model_cls,
+    model_args, changed, typed overrides)."""
     model_cls, model_args, training_args = getattr(configs, config_name or "d3pm_text8")()
-    for key, value in training_args.items():
+    for key in training_args:
         if key not in CONFIG_KEYS:
             raise UserError(f"config {config_name} sets unknown key {key!r}")
-    typed, model_overrides = {}, {}
-    for key, text in overrides.items():
-        if key in CONFIG_KEYS:
-            typed[key] = parse_value(key, text, globals()[key])
-        elif key in model_args:
-            model_overrides[key] = parse_value(key, text, model_args[key])
-        else:
-            raise UserError(f"unknown option --{key}; valid: " + ", ".join(CONFIG_KEYS + list(model_args)))
-    changed = {**training_args, **typed}
+    defaults = {k: globals()[k] for k in CONFIG_KEYS}
+    typed = configs.parse_overrides(texts, {**defaults, **{k: v for k, v in model_args.items() if k not in defaults}})
+    overrides = {k: v for k, v in typed.items() if k in defaults}
+    changed = {**training_args, **overrides}
     globals().update(changed)
-    return model_cls, {**model_args, **model_overrides}, changed, typed
+    return model_cls, {**model_args, **{k: v for k, v in typed.items() if k not in defaults}}, changed, overrides
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -163,6 +129,17 @@ def ensure_dataset(data_dir, is_master, ddp):
     elif not ready:
         raise UserError(f"dataset {dataset!r} not found in {data_dir}; prepare it first: "
                         f"python data/prepare_{dataset}.py")
+
+
+def open_data(ddp):
+    """The train and val splits of data_root_dir/dataset (text8 is prepared if missing), and its vocabulary size."""
+    data_dir = os.path.join(data_root_dir, dataset)
+    ensure_dataset(data_dir, is_master(), ddp)
+    train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
+    for name, split in (("train", train_data), ("val", val_data)):
+        if len(split) < seq_len:
+            raise UserError(f"the {name} split of {data_dir} has {len(split)} tokens, fewer than seq_len={seq_len}")
+    return train_data, val_data, dataset_vocab_size(data_dir)
 
 
 def get_batch(data, generator, vocab_size, dev):
@@ -255,12 +232,16 @@ def rng_state(data_gen, dev):
             "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.tensor([], dtype=torch.uint8)}
 
 
-def gather_rng_states(state, send, recv):
-    """Every rank's rng_state(), gathered as one uint8 tensor per rank through the comm buffers send
-    and recv (one per rank) rather than as pickled objects (see common.py: teardown)."""
+def gather_rng_states(data_gen, dev, bufs):
+    """Every rank's rng_state(), one per rank: under DDP (bufs: comm_buffers()) gathered as one uint8 tensor per
+    rank through the comm buffers rather than as pickled objects (see common.py: teardown)."""
+    state = rng_state(data_gen, dev)
+    if not bufs:
+        return [state]
     sizes = [state[k].numel() for k in RNG_KEYS]
-    send.copy_(torch.cat([state[k] for k in RNG_KEYS]))
-    return [dict(zip(RNG_KEYS, (t.clone() for t in r.cpu().split(sizes)))) for r in all_gather(recv, send)]
+    bufs["rng_send"].copy_(torch.cat([state[k] for k in RNG_KEYS]))
+    return [dict(zip(RNG_KEYS, (t.clone() for t in r.cpu().split(sizes))))
+            for r in all_gather(bufs["rng_recv"], bufs["rng_send"])]
 
 
 def set_rng_state(state, data_gen, dev):
@@ -270,25 +251,40 @@ def set_rng_state(state, data_gen, dev):
         torch.cuda.set_rng_state(state["cuda"], dev)
 
 
-# ---- main ---------------------------------------------------------------------------------------
-def main(argv):
-    global out_dir
-    config_name, overrides = parse_args(argv)
-    model_cls, model_args, changed, overrides = load_config(config_name, overrides)
-    if not out_dir:
-        out_dir = resume or os.path.join("out", config_name or "d3pm_text8")
-    start = None  # (path, checkpoint dict) to continue from
+# ---- a run: resume, processes, evaluation, checkpoints, signals ------------------------------------------
+def is_master():
+    """Whether this is rank 0 (or the only process): the one that prints and writes files."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def say(*args):
+    """print, on rank 0 only."""
+    if is_master():
+        print(*args)
+
+
+def resume_point(changed, overrides):
+    """The (path, checkpoint) to continue from: the newest in --resume, or in out_dir when torchrun restarted the
+    workers after a failure (TORCHELASTIC_RESTART_COUNT > 0); None for a new run. The run's own settings apply
+    again (to the globals and `changed`), except those given on the command line."""
+    start = None
     if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
-        start = newest_checkpoint(out_dir)  # torchrun restarted the workers after a failure: continue
+        start = newest_checkpoint(out_dir)
     elif resume:
         start = newest_checkpoint(resume)
         if start is None:
             raise UserError(f"--resume={resume}: no readable last.pt or ckpt.pt there")
-    if start is not None:  # the run's own settings apply again, unless given on the command line
+    if start is not None:
         for key, value in start[1].get("training_args", {}).items():
             if key in CONFIG_KEYS and key not in overrides and key not in ("resume", "out_dir"):
                 globals()[key] = changed[key] = value
-    if eval_key == "l_T":  # the D3PM's bound, by its name in runs of earlier versions
+    return start
+
+
+def check_settings(changed):
+    """eval_key is bound or loss (l_T, the bound's name in runs of earlier versions, becomes bound); counts and
+    sizes are at least 1. Anything else is a UserError."""
+    if eval_key == "l_T":
         globals()["eval_key"] = changed["eval_key"] = "bound"
     if eval_key not in ("bound", "loss"):
         raise UserError(f"--eval_key={eval_key}: expected bound or loss")
@@ -296,6 +292,141 @@ def main(argv):
                 "gradient_accumulation_steps", "max_bad_steps"):
         if globals()[key] < 1:
             raise UserError(f"--{key}={globals()[key]}: must be at least 1")
+
+
+def model_spec(start, model_cls, model_args, data_vocab):
+    """(model class, model_args): a resumed run's own (its vocabulary must be the dataset's), else the config's
+    with the dataset's vocab_size."""
+    if start is not None:
+        model_cls, model_args = FAMILIES[start[1]["model_cls"]], start[1]["model_args"]
+        if data_vocab != model_args["vocab_size"]:
+            raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the checkpoint {start[0]} has "
+                            f"{model_args['vocab_size']}: resume on the dataset it was trained on")
+    elif data_vocab != model_args["vocab_size"]:
+        say(f"note: the model's vocab_size is the dataset's, {data_vocab} (config had {model_args['vocab_size']})")
+        model_args = {**model_args, "vocab_size": data_vocab}
+    return model_cls, model_args
+
+
+def restore(start, model, ema, optimizer, data_gen, dev, rank, world_size):
+    """Load a checkpoint's weights, EMA, optimizer and this rank's RNG states (fresh seeds if another world size
+    wrote it); returns (iter_num, best_val)."""
+    path, ckpt = start
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+    rngs = ckpt.get("rng", [])
+    if len(rngs) == world_size:
+        set_rng_state(rngs[rank], data_gen, dev)
+    else:
+        say("note: the checkpoint's RNG states are for another world size; using fresh seeds")
+        torch.manual_seed(training_seed + rank + 7919 * iter_num)
+        data_gen.manual_seed(10_000 * training_seed + rank + 7919 * iter_num)
+    say(f"resuming from {path} at iteration {iter_num}")
+    return iter_num, best_val
+
+
+def comm_buffers(data_gen, dev, world_size):
+    """The tensors the collectives of a DDP run go through, allocated once (see common.py: teardown): the step's
+    status, estimate_loss's sums, and the send and receive buffers of gather_rng_states."""
+    bufs = dict(status=comm_buffer(torch.zeros(2, device=dev)),
+                sums=comm_buffer(torch.zeros(3, dtype=torch.float64, device=dev)),
+                rng_send=comm_buffer(torch.cat(list(rng_state(data_gen, dev).values())).to(dev)))
+    bufs["rng_recv"] = [comm_buffer(torch.zeros_like(bufs["rng_send"])) for _ in range(world_size)]
+    return bufs
+
+
+def open_log():
+    """On rank 0: out_dir, cleared of half-written checkpoints, and its log.jsonl opened for appending; None on the
+    other ranks."""
+    if not is_master():
+        return None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):  # half-written checkpoints of a killed run
+            if name.startswith(("ckpt.pt.tmp", "last.pt.tmp")):
+                os.remove(os.path.join(out_dir, name))
+        return open(os.path.join(out_dir, "log.jsonl"), "a")
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror}")
+
+
+def log(log_file, record):
+    """Append record to log.jsonl as strict JSON (NaN and inf become null); nothing without a log_file (ranks > 0)."""
+    if log_file is not None:
+        record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+
+@torch.no_grad()
+def estimate_loss(net, val_data, vocab_size, dev, rank, world_size, bufs):
+    """Mean val loss and bound of net (the EMA weights) over eval_iters batches shared by all ranks (summed through
+    bufs under DDP). Uses its own seeded RNG so that training randomness is untouched."""
+    my_iters = len(range(rank, eval_iters, world_size))
+    sums = bufs["sums"].zero_() if bufs else torch.zeros(3, dtype=torch.float64, device=dev)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(12345 + rank)
+        gen = torch.Generator().manual_seed(54321 + rank)
+        for _ in range(my_iters):
+            _, loss, metrics = net(get_batch(val_data, gen, vocab_size, dev))
+            sums += torch.stack([loss.double(), metrics["bound"].double(), torch.ones((), device=dev)])
+    if bufs:
+        all_reduce(sums)
+    loss, bound = (sums[:2] / sums[2]).tolist()
+    return {"loss": loss, "bound": bound, "bpt": bound / math.log(2)}
+
+
+def save_checkpoint(name, model, ema, optimizer, iter_num, best_val, meta, rngs):
+    """Rank 0 writes out_dir/name atomically: weights, EMA, optimizer, meta (model class and arguments, settings),
+    progress and every rank's RNG states (rngs: gather_rng_states, called on every rank); nothing if the weights
+    are non-finite."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        say(f"not writing {name}: the model has non-finite weights")
+        return
+    if is_master():
+        atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), **meta,
+                     "iter_num": iter_num, "best_val_loss": best_val, "rng": rngs}, os.path.join(out_dir, name))
+
+
+@contextlib.contextmanager
+def stop_on_signal(rank):
+    """Within: SIGTERM and SIGINT (pre-emption, Ctrl-C) are noted in the yielded list, so that training finishes the
+    step, writes last.pt and exits cleanly; a second Ctrl-C stops at once. The previous handlers come back after."""
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"rank {rank}: got signal {signum}; stopping after this step", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, on_signal)
+        signal.siginterrupt(sig, False)  # restart interrupted system calls (gloo/NCCL sockets) instead of failing
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def loss_hook(iter_num, loss):
+    """The loss of a micro-step of iteration iter_num (counted from 1) before backward: unchanged. The fault tests
+    replace it (a NaN loss: tests/test_faults.py; a worker that dies: tests/recorder.py)."""
+    return loss
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv):
+    global out_dir
+    config_name, texts = parse_args(argv)
+    model_cls, model_args, changed, overrides = load_config(config_name, texts)
+    if not out_dir:
+        out_dir = resume or os.path.join("out", config_name or "d3pm_text8")
+    start = resume_point(changed, overrides)
+    check_settings(changed)
 
     # devices and processes
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -308,28 +439,10 @@ def main(argv):
         torch.backends.cudnn.allow_tf32 = True
     if ddp:
         ddp_init(backend or ("nccl" if dev.type == "cuda" else "gloo"))
-    is_master = rank == 0
-    say = print if is_master else (lambda *a, **k: None)
 
-    # data
-    data_dir = os.path.join(data_root_dir, dataset)
-    ensure_dataset(data_dir, is_master, ddp)
-    train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
-    for name, split in (("train", train_data), ("val", val_data)):
-        if len(split) < seq_len:
-            raise UserError(f"the {name} split of {data_dir} has {len(split)} tokens, fewer than seq_len={seq_len}")
-
-    # model, EMA, optimizer, possibly from a checkpoint
-    data_vocab = dataset_vocab_size(data_dir)
-    if start is not None:
-        model_cls, model_args = FAMILIES[start[1]["model_cls"]], start[1]["model_args"]
-        if data_vocab != model_args["vocab_size"]:
-            raise UserError(f"dataset {dataset} has vocab_size {data_vocab} but the checkpoint {start[0]} has "
-                            f"{model_args['vocab_size']}: resume on the dataset it was trained on")
-    elif data_vocab != model_args["vocab_size"]:
-        say(f"note: the model's vocab_size is the dataset's, {data_vocab} (config had {model_args['vocab_size']})")
-        model_args = {**model_args, "vocab_size": data_vocab}
-
+    # data; model, EMA, optimizer, possibly from a checkpoint
+    train_data, val_data, data_vocab = open_data(ddp)
+    model_cls, model_args = model_spec(start, model_cls, model_args, data_vocab)
     torch.manual_seed(training_seed + rank)
     data_gen = torch.Generator().manual_seed(10_000 * training_seed + rank)
     model = model_cls(**model_args).to(dev)
@@ -339,105 +452,27 @@ def main(argv):
     optimizer = make_optimizer(model, dev)
     iter_num, best_val = 0, float("inf")
     if start is not None:
-        path, ckpt = start
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        rngs = ckpt.get("rng", [])
-        if len(rngs) == world_size:
-            set_rng_state(rngs[rank], data_gen, dev)
-        else:
-            say("note: the checkpoint's RNG states are for another world size; using fresh seeds")
-            torch.manual_seed(training_seed + rank + 7919 * iter_num)
-            data_gen.manual_seed(10_000 * training_seed + rank + 7919 * iter_num)
-        say(f"resuming from {path} at iteration {iter_num}")
-        del ckpt, start
+        iter_num, best_val = restore(start, model, ema, optimizer, data_gen, dev, rank, world_size)
+    del start
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * seq_len
     say(f"{model_cls.__name__} {model_args}: {n_params / 1e6:.2f}M parameters, device {dev}, "
         f"world size {world_size}, {tokens_per_iter:,} tokens per iteration")
+    meta = dict(model_cls=model_cls.__name__, model_args=model_args, training_args=changed,
+                total_batch_size=gradient_accumulation_steps * world_size * batch_size)
 
-    train_model = model
+    train_model, bufs = model, None
     if ddp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        # the tensors the collectives below go through, allocated once (see common.py: teardown)
-        status_buf = comm_buffer(torch.zeros(2, device=dev))
-        sums_buf = comm_buffer(torch.zeros(3, dtype=torch.float64, device=dev))
-        rng_send = comm_buffer(torch.cat(list(rng_state(data_gen, dev).values())).to(dev))
-        rng_recv = [comm_buffer(torch.zeros_like(rng_send)) for _ in range(world_size)]
+        bufs = comm_buffers(data_gen, dev, world_size)
     if compile and dev.type == "cuda":
         say("compiling the model...")
         train_model = torch.compile(train_model)
+    log_file = open_log()
 
-    if is_master:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            for name in os.listdir(out_dir):  # half-written checkpoints of a killed run
-                if name.startswith(("ckpt.pt.tmp", "last.pt.tmp")):
-                    os.remove(os.path.join(out_dir, name))
-            log_file = open(os.path.join(out_dir, "log.jsonl"), "a")
-        except OSError as e:
-            raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror}")
-
-    def log(record):
-        if is_master:  # strict JSON: NaN/inf become null
-            record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean val loss and bound of the EMA weights over eval_iters batches shared by all ranks.
-        Uses its own seeded RNG so that training randomness is untouched."""
-        net = ema.averaged_model(ema_model)
-        my_iters = len(range(rank, eval_iters, world_size))
-        sums = sums_buf.zero_() if ddp else torch.zeros(3, dtype=torch.float64, device=dev)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(12345 + rank)
-            gen = torch.Generator().manual_seed(54321 + rank)
-            for _ in range(my_iters):
-                _, loss, metrics = net(get_batch(val_data, gen, model_args["vocab_size"], dev))
-                sums += torch.stack([loss.double(), metrics["bound"].double(), torch.ones((), device=dev)])
-        if ddp:
-            all_reduce(sums)
-        loss, bound = (sums[:2] / sums[2]).tolist()
-        return {"loss": loss, "bound": bound, "bpt": bound / math.log(2)}
-
-    def checkpoint(name):
-        """Gather every rank's RNG state; rank 0 writes out_dir/name atomically."""
-        rngs = [rng_state(data_gen, dev)]
-        if ddp:
-            rngs = gather_rng_states(rngs[0], rng_send, rng_recv)
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            say(f"not writing {name}: the model has non-finite weights")
-            return
-        if is_master:
-            atomic_save({
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "model_cls": model_cls.__name__, "model_args": model_args, "training_args": changed,
-                "total_batch_size": gradient_accumulation_steps * world_size * batch_size,
-                "iter_num": iter_num, "best_val_loss": best_val, "rng": rngs,
-            }, os.path.join(out_dir, name))
-
-    # SIGTERM / SIGINT (pre-emption, Ctrl-C): finish the step, write last.pt, exit cleanly.
-    # A second Ctrl-C stops at once.
-    stop_signal = []
-
-    def on_signal(signum, frame):
-        stop_signal.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(f"rank {rank}: got signal {signum}; stopping after this step", file=sys.stderr, flush=True)
-
-    previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in previous_handlers:
-        signal.signal(sig, on_signal)
-        signal.siginterrupt(sig, False)  # restart interrupted system calls (gloo/NCCL sockets) instead of failing
-    nan_iters = {"all"} if inject_nan == "all" else {int(i) for i in inject_nan.split(",") if i.strip()}
-
-    try:
-        # training loop: iter_num counts completed optimizer steps
+    # training loop: iter_num counts completed optimizer steps
+    with stop_on_signal(rank) as signals:
         model.train()
         bad_in_a_row, bad_total = 0, 0
         t_last, tokens_since = time.time(), 0
@@ -451,8 +486,7 @@ def main(argv):
                 with sync:
                     x = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
                     loss, metrics = train_model(x)[1:]  # drop the logits now: backward does not need them
-                    if "all" in nan_iters or iter_num + 1 in nan_iters:
-                        loss = loss * float("nan")
+                    loss = loss_hook(iter_num + 1, loss)
                     (loss / gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
             iter_num += 1
@@ -460,9 +494,9 @@ def main(argv):
             # one host sync per step: is the gradient finite, and was any rank asked to stop? (The gradient
             # is all-reduced already, so every rank takes the same decisions.)
             status = torch.stack([torch.isfinite(grad_norm).logical_not().float(),
-                                  torch.tensor(float(len(stop_signal)), device=dev)])
+                                  torch.tensor(float(len(signals)), device=dev)])
             if ddp:
-                status = all_reduce(status_buf.copy_(status), "max")
+                status = all_reduce(bufs["status"].copy_(status), "max")
             bad, stop = status.tolist()
             if not bad:
                 optimizer.step()
@@ -471,15 +505,13 @@ def main(argv):
             else:
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
                 say(f"iter {iter_num}: non-finite loss or gradient, update skipped ({bad_total} so far)")
-                log({"iter": iter_num, "split": "train", "skipped": True, "bad_steps": bad_total})
-                if bad_in_a_row >= max_bad_steps:
-                    checkpoint("last.pt")  # the weights are still the last good ones: updates were skipped
+                log(log_file, {"iter": iter_num, "split": "train", "skipped": True, "bad_steps": bad_total})
+                if bad_in_a_row >= max_bad_steps:  # the weights are still the last good ones: updates were skipped
+                    save_checkpoint("last.pt", model, ema, optimizer, iter_num, best_val, meta,
+                                    gather_rng_states(data_gen, dev, bufs))
                     raise UserError(f"{bad_in_a_row} consecutive non-finite steps at iteration {iter_num}; stopping "
                                     f"(last.pt holds the last good state; lower learning_rate or check the data)")
             optimizer.zero_grad(set_to_none=True)
-            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-            if iter_num == inject_crash and rank == world_size - 1 and first_attempt:
-                os._exit(13)  # a hard crash of one worker, as a failed node
 
             if iter_num % log_interval == 0 or iter_num == max_iters:
                 dt = time.time() - t_last
@@ -488,28 +520,28 @@ def main(argv):
                           "tokens_per_s": tokens_since / dt, "ms_per_iter": 1000 * dt * tokens_per_iter / tokens_since}
                 say(f"iter {iter_num}: loss {record['loss']:.4f}, bpt {record['bpt']:.3f}, lr {lr:.2e}, "
                     f"{record['ms_per_iter']:.0f} ms/iter, {record['tokens_per_s']:,.0f} tok/s")
-                log(record)
+                log(log_file, record)
                 t_last, tokens_since = time.time(), 0
 
             t_pause = time.time()  # evaluation and checkpoint time does not count towards tokens/s
             if iter_num % eval_interval == 0 or iter_num == max_iters:
-                val = evaluate()
+                val = estimate_loss(ema.averaged_model(ema_model), val_data, model_args["vocab_size"], dev, rank,
+                                    world_size, bufs)
                 improved = val[eval_key] < best_val
                 best_val = min(best_val, val[eval_key])
                 say(f"val @ {iter_num}: loss {val['loss']:.4f}, bound {val['bound']:.4f}, bpt {val['bpt']:.4f}"
                     + (" (best)" if improved else ""))
-                log({"iter": iter_num, "split": "val", **val})
+                log(log_file, {"iter": iter_num, "split": "val", **val})
                 if improved or always_save_checkpoint:
-                    checkpoint("ckpt.pt")
+                    save_checkpoint("ckpt.pt", model, ema, optimizer, iter_num, best_val, meta,
+                                    gather_rng_states(data_gen, dev, bufs))
             if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop:
-                checkpoint("last.pt")
+                save_checkpoint("last.pt", model, ema, optimizer, iter_num, best_val, meta,
+                                gather_rng_states(data_gen, dev, bufs))
             if stop:
                 say(f"stopped by signal at iteration {iter_num}; resume with --resume={out_dir}")
                 break
             t_last += time.time() - t_pause
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
 
     say(f"done: {iter_num} iterations, best val {eval_key} {best_val:.4f}, checkpoints in {out_dir}")
     if ddp:

@@ -8,6 +8,9 @@ As a script, under torchrun or alone (one file per rank in $RECORD_DIR, written 
 
 In-process: `with recording() as rec: call_main(train, argv)`, then rec.events.
 
+Faults: with CRASH_AFTER=N in the environment, the last rank dies (os._exit(13), as a failed node) in training
+step N + 1, before its backward, on torchrun's first attempt only (train.loss_hook replaced by crash_after(N)).
+
 What is recorded (D3PM models):
   train: ("fwd", x0, t_plus_1, x_noisy, ddp_sync) for every q_sample under autograd (one per micro-step;
          ddp_sync: the DDP wrapper's require_backward_grad_sync, False inside no_sync()), ("step", params,
@@ -70,9 +73,9 @@ def recording(record_dir=None):
                                sync))
         return out
 
-    def batch_bound(self, x0, offset, generator=None):
+    def batch_bound(self, x0, offset, generator=None, T=None):
         state = generator.get_state().clone() if generator is not None else None
-        out = orig_bound(self, x0, offset, generator)
+        out = orig_bound(self, x0, offset, generator, T=T)
         rec.events.append(("bound", x0.detach().cpu().clone(), float(offset), state, float(out)))
         return out
 
@@ -164,6 +167,19 @@ def optimizer_step(model, opt, params, grads, grad_clip=0.1):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def crash_after(step):
+    """A train.loss_hook under which the last rank dies (os._exit(13), a hard crash of one worker) in step
+    `step` + 1, on torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0); the loss is unchanged."""
+    last_rank = int(os.environ.get("RANK", 0)) == int(os.environ.get("WORLD_SIZE", 1)) - 1
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+    def loss_hook(iter_num, loss):
+        if iter_num > step and last_rank and first_attempt:
+            os._exit(13)
+        return loss
+    return loss_hook
+
+
 def main():
     what, argv = sys.argv[1], sys.argv[2:]
     record_dir = os.environ["RECORD_DIR"]
@@ -172,6 +188,8 @@ def main():
     with recording(record_dir) as rec:
         if what == "train":
             import train
+            if os.environ.get("CRASH_AFTER"):
+                train.loss_hook = crash_after(int(os.environ["CRASH_AFTER"]))
             model = train.main(argv)
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:

@@ -2,7 +2,7 @@
 JSON lines whose figures are right, checked against quantities recomputed here (parameter and FLOP
 counts, network calls of the sampler, the estimators' spread). No timing assertions.
 
-bench.main runs in this process (conftest.call_main); one bad option runs `python bench.py` for the
+bench.main runs in this process (conftest.call_main); two bad options run `python bench.py` for the
 one-line error contract."""
 import contextlib
 import io
@@ -14,6 +14,7 @@ import torch
 
 import bench
 import configs
+from common import UserError
 from conftest import assert_one_line_error, call_main, run_script
 
 
@@ -80,5 +81,22 @@ def test_eval_figures(records):
     assert ev["call_ratio"] == ev["plain_calls_for_target"] / ev["stratified_calls_for_target"]
 
 
-def test_bench_bad_option_is_one_line():
-    assert_one_line_error(run_script(["bench.py", "--nope=1"]), "nope")
+@pytest.mark.parametrize("arg,words", [("--nope=1", ["unknown option --nope", "steps", "mode"]),
+                                      ("--compile=flase", ["--compile=flase: expected bool"])])
+def test_bench_bad_option_is_one_line(arg, words):
+    """train.py's parser (configs.parse_overrides): an unknown key lists the valid ones; a bad bool is refused."""
+    assert_one_line_error(run_script(["bench.py", "d3pm_tiny", arg]), *words)
+
+
+def test_bench_options_are_type_checked():
+    """The same reading as train.py's: ints may hold _, bools are yes/no words, the wrong type is an error."""
+    saved = dict(vars(bench))
+    try:
+        assert bench.parse(["d3pm_tiny", "--steps=1_000", "--compile=yes", "--bf16=off", "--target_se=1e-3"]) == \
+            "d3pm_tiny"
+        assert (bench.steps, bench.compile, bench.bf16, bench.target_se) == (1000, True, False, 1e-3)
+        for arg in ("--steps=2.5", "--bf16=flase", "--steps"):
+            with pytest.raises(UserError, match=arg.split("=")[0]):
+                bench.parse(["d3pm_tiny", arg])
+    finally:
+        vars(bench).update(saved)

@@ -85,7 +85,8 @@ def cases(e):
         "prompt": s + ["--batch_size", "3", "--prompt", "the cat", "--json"],
         "infill": s + ["--batch_size", "3", "--infill", "the ??? sat", "--json"],
         "steps": s + ["--batch_size", "2", "--steps", "5", "--json"],
-        "no_ema": s + ["--batch_size", "2", "--no-ema"],
+        "no_ema": s + ["--batch_size", "2", "--no_ema"],
+        "no_ema_alias": s + ["--batch_size", "2", "--no-ema"],  # nanoDD's spelling, not in --help
         "run_dir": ["sample.py", e["run_dir"], "--device", "cpu", "--seq_len", "32", "--batch_size", "2"],
         # sampling errors
         "err_missing": ["sample.py", e["missing"]],
@@ -101,6 +102,8 @@ def cases(e):
         "eval_json": ev + ["--max_batches", "5", "--json"],
         "eval_text": ev + ["--max_batches", "3"],
         "eval_one_batch": ev + ["--max_batches", "1", "--json"],
+        "eval_no_ema": ev + ["--max_batches", "1", "--json", "--no_ema"],
+        "eval_no_ema_alias": ev + ["--max_batches", "1", "--json", "--no-ema"],
         "eval_err_split": ev + ["--max_batches", "2", "--split", "nope"],
         "eval_err_vocab": ["evaluate.py", e["ckpt"], "--device", "cpu", "--data_dir", e["bad_vocab"], "--seq_len", "32",
                            "--batch_size", "8", "--max_batches", "2"],
@@ -203,7 +206,19 @@ def test_seed_reproducible_and_no_ema(results):
     assert text_samples(ok(results, "other_seed")) != plain
     raw = text_samples(ok(results, "no_ema"))
     assert len(raw) == 2 and all(len(s) == 32 and set(s) <= ALPHABET for s in raw)
-    assert raw != plain, "--no-ema gave the same samples as the EMA weights (EMA differs after 4 steps)"
+    assert raw != plain, "--no_ema gave the same samples as the EMA weights (EMA differs after 4 steps)"
+
+
+def test_no_ema_spellings(results, capsys):
+    """--no_ema, like every flag; nanoDD's --no-ema works the same in both scripts but is not in --help."""
+    assert text_samples(ok(results, "no_ema_alias")) == text_samples(ok(results, "no_ema"))
+    raw, alias, ema = (json_out(results, name) for name in ("eval_no_ema", "eval_no_ema_alias", "eval_one_batch"))
+    assert raw["bpt"] == alias["bpt"] != ema["bpt"]
+    for module in (sample, evaluate):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        out = capsys.readouterr().out
+        assert "--no_ema" in out and "--no-ema" not in out
 
 
 @pytest.mark.parametrize("name,needle", [

@@ -49,11 +49,12 @@ def train_args(data_root, **over):
     return ["d3pm_tiny"] + [f"--{k}={v}" for k, v in args.items()]
 
 
-def torchrun(name, record_dir, what, args, launcher_args=()):
-    """Launch tests/recorder.py WHAT ARGS on 2 ranks. A launch whose ranks all finished and saved their
-    records, then died at exit, is kept for test_torchrun_exits_cleanly; any other failure fails now."""
+def torchrun(name, record_dir, what, args, launcher_args=(), **env):
+    """Launch tests/recorder.py WHAT ARGS on 2 ranks (env: more environment variables for recorder.py, e.g.
+    CRASH_AFTER). A launch whose ranks all finished and saved their records, then died at exit, is kept for
+    test_torchrun_exits_cleanly; any other failure fails now."""
     proc = run_script([*TORCHRUN, *launcher_args, RECORDER, what, *map(str, args)],
-                      env=script_env(RECORD_DIR=record_dir))
+                      env=script_env(RECORD_DIR=record_dir, **env))
     LAUNCHES.append((name, proc, record_dir))
     saved = all(os.path.exists(os.path.join(record_dir, f"rank{r}.pt")) for r in (0, 1))
     if proc.returncode != 0:
@@ -277,14 +278,14 @@ def test_resume_one_rank_on_two(run_s, root, tiny_text8_shared):
 
 
 def test_restart_after_a_worker_crash_resumes_bit_exactly(run_a, root, tiny_text8_shared):
-    """torchrun --max-restarts=1: rank 1 dies hard after step 3; the restarted group resumes from last.pt
-    (step 2) by itself and ends bit-identical to A, which never crashed: weights, EMA, optimizer, and
-    rank 1 draws again exactly A's rank-1 batches of steps 3 and 4. Catches: a restarted group that starts
-    over or reads the crashed attempt's process-group keys (fails or hangs), RNG states restored to the
-    wrong rank or not at all."""
+    """torchrun --max-restarts=1: rank 1 dies hard after step 3 (before step 4's backward, recorder.crash_after);
+    the restarted group resumes from last.pt (step 2) by itself and ends bit-identical to A, which never crashed:
+    weights, EMA, optimizer, and rank 1 draws again exactly A's rank-1 batches of steps 3 and 4. Catches: a
+    restarted group that starts over or reads the crashed attempt's process-group keys (fails or hangs), RNG
+    states restored to the wrong rank or not at all."""
     rec = root / "C_rec"
-    ranks = torchrun("C", rec, "train", train_args(tiny_text8_shared, out_dir=root / "C", inject_crash=3),
-                     launcher_args=["--max-restarts=1"])
+    ranks = torchrun("C", rec, "train", train_args(tiny_text8_shared, out_dir=root / "C"),
+                     launcher_args=["--max-restarts=1"], CRASH_AFTER=3)  # recorder.crash_after
     proc = LAUNCHES[-1][1]
     assert "exitcode: 13" in proc.stderr and "resuming from" in proc.stdout, describe(proc)
     a, c = load(run_a["out"] / "last.pt"), load(root / "C" / "last.pt")

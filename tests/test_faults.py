@@ -33,6 +33,14 @@ def train_args(data_root, out_dir, *extra):
     return [*FAST, f"--data_root_dir={data_root}", f"--out_dir={out_dir}", *extra]
 
 
+@contextlib.contextmanager
+def nan_losses(iterations):
+    """Within: the loss of those training iterations (counted from 1) is NaN (train.loss_hook replaced)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "loss_hook", lambda it, loss: loss * float("nan") if it in iterations else loss)
+        yield
+
+
 def train_here(*args):
     """train.main(ARGS) in this process; returns its stdout."""
     out = io.StringIO()
@@ -142,8 +150,9 @@ def test_injected_nan_is_skipped_and_reported(tiny_text8, tmp_path, saves):
     are identical (a wrong implementation that still steps the optimizer with zeroed gradients, or
     updates the EMA, changes them); training then continues."""
     out = tmp_path / "nan"
-    stdout = train_here(*train_args(tiny_text8, out, "--max_iters=7", "--inject_nan=4,5", "--log_interval=1",
-                                    "--ckpt_interval=1", *EMA_NOW))
+    with nan_losses({4, 5}):
+        stdout = train_here(*train_args(tiny_text8, out, "--max_iters=7", "--log_interval=1", "--ckpt_interval=1",
+                                        *EMA_NOW))
     assert stdout.count("update skipped") == 2
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [rec["iter"] for rec in records if rec.get("skipped")] == [4, 5]
@@ -167,9 +176,8 @@ def test_persistent_nan_stops_with_the_last_good_state_in_last_pt(tiny_text8, tm
     last.pt exists (it was not due before: ckpt_interval is 1000) holding the last finite state, the one
     after iteration 2: the same weights, EMA and optimizer state as a clean run stopped at 2."""
     out, ref = tmp_path / "allnan", tmp_path / "ref"
-    with pytest.raises(UserError, match="3 consecutive non-finite steps at iteration 5") as e:
-        train_here(*train_args(tiny_text8, out, "--max_iters=50", "--max_bad_steps=3", *EMA_NOW,
-                               "--inject_nan=" + ",".join(str(i) for i in range(3, 51))))
+    with nan_losses(range(3, 51)), pytest.raises(UserError, match="3 consecutive non-finite steps at iteration 5") as e:
+        train_here(*train_args(tiny_text8, out, "--max_iters=50", "--max_bad_steps=3", *EMA_NOW))
     assert "last.pt" in str(e.value)
     assert (out / "last.pt").exists(), "the last good state was not written"
     assert not (out / "ckpt.pt").exists()

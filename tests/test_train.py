@@ -223,9 +223,45 @@ def test_unknown_override_key(tmp_path):
 
 @pytest.mark.parametrize("arg,key", [("--batch_size=abc", "batch_size"), ("--learning_rate=fast", "learning_rate"),
                                      ("--max_iters=2.5", "max_iters"), ("--decay_lr=maybe", "decay_lr"),
-                                     ("--n_embed=wide", "n_embed")])
+                                     ("--compile=flase", "compile"), ("--n_embed=wide", "n_embed")])
 def test_wrong_override_type(tmp_path, arg, key):
-    assert key in user_error("d3pm_tiny", arg, f"--out_dir={tmp_path / 'o'}")
+    msg = user_error("d3pm_tiny", arg, f"--out_dir={tmp_path / 'o'}")
+    assert f"{arg}: expected" in msg and key in msg and "\n" not in msg
+
+
+def configured(*argv):
+    """(model_args, train.py's settings) after the command line ARGV (parse_args, load_config); the module's
+    globals are restored afterwards."""
+    saved = dict(vars(train))
+    try:
+        model_args = train.load_config(*train.parse_args(list(argv)))[1]
+        return model_args, {k: getattr(train, k) for k in train.CONFIG_KEYS}
+    finally:
+        vars(train).update(saved)
+
+
+def test_shared_override_parser():
+    """configs.parse_overrides (train.py's and bench.py's): each value read as its default's type, strictly."""
+    assert configs.parse_overrides({"n": "1_000", "x": "2e-3", "b": "Off", "c": "YES", "s": "1_0"},
+                                   {"n": 1, "x": 0.5, "b": True, "c": False, "s": "a"}) == \
+        {"n": 1000, "x": 2e-3, "b": False, "c": True, "s": "1_0"}
+    for text, default in (("flase", True), ("", False), ("2.5", 1), ("fast", 0.1)):
+        with pytest.raises(UserError, match=f"^--k={text}: expected {type(default).__name__} "):
+            configs.parse_overrides({"k": text}, {"k": default})
+    with pytest.raises(UserError, match="^unknown option --nope; valid: a, b$"):
+        configs.parse_overrides({"nope": "1"}, {"a": 1, "b": 2})
+    with pytest.raises(UserError, match="--batch_size needs a value"):
+        configs.split_command_line(["d3pm_tiny", "--batch_size"])
+    model_args, settings = configured("d3pm_tiny", "--max_iters=1_000", "--decay_lr=off", "--n_embed=64")
+    assert settings["max_iters"] == 1000 and settings["decay_lr"] is False and model_args["n_embed"] == 64
+
+
+@pytest.mark.parametrize("flag", ["--no_compile", "--no-compile"])
+def test_no_compile_spellings(flag):
+    """--no_compile, like every flag; nanoDD's --no-compile works too (not shown in --help)."""
+    assert configured("d3pm_text8")[1]["compile"] is True
+    assert configured("d3pm_text8", flag)[1]["compile"] is False
+    assert configured("d3pm_text8", flag, "--compile=True")[1]["compile"] is True  # the last one wins
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
@@ -272,6 +308,7 @@ def test_help_lists_configs(capsys):
     for name in train.CONFIG_NAMES:
         assert name in out
     assert "d3pm_text8_cpu" in out and "--learning_rate" in out
+    assert "--no_compile" in out and "--no-compile" not in out and "--inject" not in out
 
 
 def test_main_restores_signal_handlers(tmp_path, tiny_text8):
