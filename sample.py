@@ -36,6 +36,7 @@ import time
 import torch
 
 from common import UserError, default_dataset, load_codec, open_model, pick_device
+from configs import parse_value
 from sampling import generate_long
 
 # ---- the live view ----------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--no_ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--no-ema", dest="ema", action="store_false", help=argparse.SUPPRESS)  # nanoDD's spelling
-    p.add_argument("--load_ema", type=lambda s: s.lower() in ("1", "true", "yes"), dest="ema",
+    p.add_argument("--load_ema", type=lambda text: parse_value("load_ema", text, True), dest="ema",
                    help="the original's flag: --load_ema false is --no_ema")
     p.add_argument("--device", default="auto")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence", "remask"],

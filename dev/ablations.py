@@ -105,7 +105,8 @@ def run(variant, config, options, steps, warmup, timeout, fresh_malloc):
 
 def compare(mode, config, options, steps, warmup, timeout):
     """Step memory (one step each) and, for backbone, tokens/s (best of 3 alternating runs) of the two
-    variants; one JSON line with both and their ratios."""
+    variants; one JSON line with both, step_mem_ratio = variant / ours, speed_ratio = ours / variant and the
+    relative difference of the two losses."""
     ours, other = ("closed", "posterior") if mode == "memory" else ("ours", "reference")
     mem = {v: run(v, config, options, 1, 0, timeout, True) for v in (ours, other)}
     speed = {ours: [], other: []}
@@ -124,7 +125,7 @@ def compare(mode, config, options, steps, warmup, timeout):
     result["step_mem_ratio"] = b["step_mem_MB"] / a["step_mem_MB"] if a and b and a["step_mem_MB"] > 0 else None
     if mode == "backbone" and speed[ours] and speed[other]:
         result["speed_ratio"] = max(speed[ours]) / max(speed[other])
-    result["same_loss"] = a["final_loss"] == b["final_loss"] if a and b else None
+    result["loss_rel_diff"] = abs(a["final_loss"] - b["final_loss"]) / abs(a["final_loss"]) if a and b else None
     print(json.dumps(result), flush=True)
     return result
 

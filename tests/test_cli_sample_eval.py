@@ -87,6 +87,7 @@ def cases(e):
         "steps": s + ["--batch_size", "2", "--steps", "5", "--json"],
         "no_ema": s + ["--batch_size", "2", "--no_ema"],
         "no_ema_alias": s + ["--batch_size", "2", "--no-ema"],  # nanoDD's spelling, not in --help
+        "load_ema_false": s + ["--batch_size", "2", "--load_ema", "false"],  # nanoDD's flag, the shared bool rule
         "run_dir": ["sample.py", e["run_dir"], "--device", "cpu", "--seq_len", "32", "--batch_size", "2"],
         # sampling errors
         "err_missing": ["sample.py", e["missing"]],
@@ -97,6 +98,7 @@ def cases(e):
         "err_prompt_eq_len": s + ["--prompt", "a" * 32],
         "err_no_placeholder": s + ["--infill", "no holes here"],
         "err_prompt_and_infill": s + ["--prompt", "the", "--infill", "the ???"],
+        "err_load_ema": s + ["--load_ema", "flase"],
         **({} if torch.cuda.is_available() else {"err_cuda": s + ["--device", "cuda"]}),
         # evaluation
         "eval_json": ev + ["--max_batches", "5", "--json"],
@@ -212,6 +214,7 @@ def test_seed_reproducible_and_no_ema(results):
 def test_no_ema_spellings(results, capsys):
     """--no_ema, like every flag; nanoDD's --no-ema works the same in both scripts but is not in --help."""
     assert text_samples(ok(results, "no_ema_alias")) == text_samples(ok(results, "no_ema"))
+    assert text_samples(ok(results, "load_ema_false")) == text_samples(ok(results, "no_ema"))
     raw, alias, ema = (json_out(results, name) for name in ("eval_no_ema", "eval_no_ema_alias", "eval_one_batch"))
     assert raw["bpt"] == alias["bpt"] != ema["bpt"]
     for module in (sample, evaluate):
@@ -230,6 +233,7 @@ def test_no_ema_spellings(results, capsys):
     ("err_prompt_eq_len", "shorter than seq_len"),
     ("err_no_placeholder", "placeholder"),
     ("err_prompt_and_infill", "not both"),
+    ("err_load_ema", "expected bool"),
     pytest.param("err_cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                               reason="needs a machine without CUDA")),
     ("eval_err_split", "nope"),
