@@ -104,11 +104,13 @@ def load_config(config_name, texts):
         if key not in CONFIG_KEYS:
             raise UserError(f"config {config_name} sets unknown key {key!r}")
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
-    typed = configs.parse_overrides(texts, {**defaults, **{k: v for k, v in model_args.items() if k not in defaults}})
+    model_defaults = {k: v for k, v in model_args.items() if k not in defaults}
+    typed = configs.parse_overrides(texts, {**defaults, **model_defaults})
     overrides = {k: v for k, v in typed.items() if k in defaults}
+    model_overrides = {k: v for k, v in typed.items() if k in model_defaults}
     changed = {**training_args, **overrides}
     globals().update(changed)
-    return model_cls, {**model_args, **{k: v for k, v in typed.items() if k not in defaults}}, changed, overrides
+    return model_cls, {**model_args, **model_overrides}, changed, overrides
 
 
 # ---- data ---------------------------------------------------------------------------------------
