@@ -5,7 +5,8 @@ override the globals at the top of train.py. Pick one with `python train.py NAME
 
 The masked (mdlm_*), autoregressive (ar_*) and block-diffusion (bd3lm_*) configs use exactly the network, data,
 batch, learning-rate schedule and steps of the D3PM config of the same name, so the families are compared at
-equal budget. Override model arguments on the command line, e.g. `python train.py bd3lm_text8 --block_size=16`.
+equal budget. Each family clips gradients as its paper does: the D3PM at 0.1 (nanoDD; its loss is ~30x smaller),
+MDLM, BD3-LM and the autoregressive model at 1.0. Override model arguments on the command line, e.g. `python train.py bd3lm_text8 --block_size=16`.
 
 split_command_line and parse_overrides read the `[CONFIG] [--key=value ...]` command line that train.py and
 bench.py share, each value type-checked against the default it replaces.
@@ -25,7 +26,7 @@ def d3pm_text8():
                       dropout=0.025, T=1000, lambda_ce=0.05)
     training_args = dict(dataset="text8", batch_size=256, seq_len=256, gradient_accumulation_steps=4,
                          learning_rate=1e-3, min_lr=1e-5, warmup_iters=2_500, max_iters=500_000,
-                         weight_decay=0.1, eval_interval=5_000, eval_iters=500, training_seed=1)
+                         weight_decay=0.1, grad_clip=0.1, eval_interval=5_000, eval_iters=500, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
 
 
@@ -42,7 +43,7 @@ def d3pm_openwebtext_8gpu():
                       dropout=0.0, T=1000, lambda_ce=0.05)
     training_args = dict(dataset="openwebtext", batch_size=16, seq_len=1024, gradient_accumulation_steps=8,
                          learning_rate=6e-4, min_lr=1e-5, warmup_iters=2_500, max_iters=500_000,
-                         weight_decay=0.1, eval_interval=5_000, eval_iters=400, training_seed=9)
+                         weight_decay=0.1, grad_clip=0.1, eval_interval=5_000, eval_iters=400, training_seed=9)
     return D3PMAbsorbing, model_args, training_args
 
 
@@ -60,7 +61,7 @@ def d3pm_text8_cpu():
                       dropout=0.0, T=1000, lambda_ce=0.05)
     training_args = dict(dataset="text8", batch_size=32, seq_len=128, gradient_accumulation_steps=1,
                          learning_rate=2e-3, min_lr=2e-4, warmup_iters=100, max_iters=5500, beta2=0.99,
-                         weight_decay=0.1, eval_interval=500, eval_iters=20, log_interval=100,
+                         weight_decay=0.1, grad_clip=0.1, eval_interval=500, eval_iters=20, log_interval=100,
                          ckpt_interval=500, ema_beta=0.99, compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
 
@@ -72,7 +73,7 @@ def d3pm_owt_cpu():
                       dropout=0.0, T=1000, lambda_ce=0.05)
     training_args = dict(dataset="openwebtext", batch_size=8, seq_len=256, gradient_accumulation_steps=1,
                          learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, max_iters=1000, beta2=0.99,
-                         weight_decay=0.1, eval_interval=200, eval_iters=10, log_interval=25,
+                         weight_decay=0.1, grad_clip=0.1, eval_interval=200, eval_iters=10, log_interval=25,
                          ckpt_interval=200, ema_beta=0.99, compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
 
@@ -83,7 +84,7 @@ def d3pm_tiny():
                       dropout=0.1, T=50, lambda_ce=0.05)
     training_args = dict(dataset="text8", batch_size=8, seq_len=32, gradient_accumulation_steps=1,
                          learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, max_iters=20,
-                         weight_decay=0.1, eval_interval=10, eval_iters=2, log_interval=5,
+                         weight_decay=0.1, grad_clip=0.1, eval_interval=10, eval_iters=2, log_interval=5,
                          compile=False, training_seed=1)
     return D3PMAbsorbing, model_args, training_args
 
@@ -98,18 +99,18 @@ def _network_args(model_args):
 def _masked(d3pm_config):
     _, model_args, training_args = d3pm_config()
     return MDLM, dict(_network_args(model_args), schedule="linear", time_conditioning=False, antithetic=True,
-                      t_eps=1e-3), training_args
+                      t_eps=1e-3, loss_weighting="elbo"), dict(training_args, grad_clip=1.0)
 
 
 def _block(d3pm_config):
     _, model_args, training_args = d3pm_config()
     return BD3LM, dict(_network_args(model_args), block_size=4, schedule="linear", antithetic=True, t_eps=1e-3,
-                       t_min=0.0, t_max=1.0), training_args
+                       t_min=0.0, t_max=1.0), dict(training_args, grad_clip=1.0)
 
 
 def _autoregressive(d3pm_config):
     _, model_args, training_args = d3pm_config()
-    return AR, _network_args(model_args), training_args
+    return AR, _network_args(model_args), dict(training_args, grad_clip=1.0)
 
 
 def mdlm_text8():

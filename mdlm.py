@@ -14,7 +14,9 @@ Objective: the continuous-time negative ELBO (the T -> inf limit of the D3PM bou
     NELBO(x_0) = int_0^1 w(t) E_{x_t ~ q(.|x_0)} [ sum_{l: x_t^l = m} -log p(x_0^l | x_t) ] dt,
     w(t) = -alpha'(t) / (1 - alpha(t))            (linear: 1/t).
 Training draws t per sequence, antithetically by default (t_i = (u + i/B) mod 1, one u per batch),
-squeezed into [t_eps, 1] (the weight 1/t makes t -> 0 draws rare but huge).
+squeezed into [t_eps, 1] (the weight 1/t makes t -> 0 draws rare but huge). loss_weighting="masked_ce"
+trains on the unweighted masked cross-entropy instead (weight 1 for every masked token, as the D3PM's
+auxiliary term weighs it: same minimiser, another path); the bound and its evaluation stay the NELBO.
 
 Evaluation integrates all of [0, 1] exactly, without the 1/t variance. Substitute u = 1 - alpha(t) (the
 masking probability, w(t) dt = du / u) and condition on k = the number of masked tokens, k ~ Bin(L, u):
@@ -38,10 +40,13 @@ from sampling import confidence_decode, draw, remask_decode, unmask_at_event_tim
 
 class MDLM(nn.Module):
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, schedule="linear",
-                 time_conditioning=False, antithetic=True, t_eps=1e-3):
+                 time_conditioning=False, antithetic=True, t_eps=1e-3, loss_weighting="elbo"):
         super().__init__()
         if schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be linear or cosine, not {schedule!r}")
+        if loss_weighting not in ("elbo", "masked_ce"):
+            raise ValueError(f"loss_weighting must be elbo or masked_ce, not {loss_weighting!r}")
+        self.loss_weighting = loss_weighting
         self.vocab_size = vocab_size
         self.mask_id = vocab_size
         self.schedule, self.time_conditioning = schedule, time_conditioning
@@ -102,19 +107,20 @@ class MDLM(nn.Module):
 
     def forward(self, x0, t=None):
         """x0: (B, L). t: (B,) float times, drawn by draw_times if None.
-        loss = mean_b w(t_b) sum_l masked_ce / L  (a one-sample estimate of NELBO/L on [t_eps, 1]).
-        Returns (logits, loss, metrics): ce (mean masked cross-entropy), bound and bpt (= the loss),
-        all 0-dim tensors."""
+        bound = mean_b w(t_b) sum_l masked_ce / L  (a one-sample estimate of NELBO/L on [t_eps, 1]);
+        loss = bound (loss_weighting "elbo"), or mean_b sum_l masked_ce / L ("masked_ce": every masked token
+        weighs 1 whatever its t, the weighting the D3PM's auxiliary cross-entropy gives it; not a bound).
+        Returns (logits, loss, metrics): ce (mean masked cross-entropy), bound and bpt, all 0-dim tensors."""
         B, L = x0.shape
         if t is None:
             t = self.draw_times(B, x0.device)
         x_t = self.q_sample(x0, t)
         logits = self.logits(x_t, t)
         ce = self.masked_ce(logits, x0, x_t)
-        per_seq = self.weight(t).float().to(x0.device) * ce.sum(1) / L
-        loss = per_seq.mean()
+        bound = (self.weight(t).float().to(x0.device) * ce.sum(1) / L).mean()
+        loss = bound if self.loss_weighting == "elbo" else ce.sum() / (B * L)
         n_masked = (x_t == self.mask_id).sum().clamp(min=1)
-        metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=loss.detach(), bpt=loss.detach() / math.log(2))
+        metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=bound.detach(), bpt=bound.detach() / math.log(2))
         return logits, loss, metrics
 
     # ---- the bound, for evaluate.py ---------------------------------------------------------------------

@@ -52,7 +52,7 @@ max_iters = 500_000
 weight_decay = 0.1  # applied to >= 2-D parameters only
 beta1 = 0.9
 beta2 = 0.98
-grad_clip = 0.1  # 0 disables
+grad_clip = 0.1  # the largest gradient norm (0: no clipping); each family's configs set their own
 decay_lr = True
 warmup_iters = 2500
 lr_decay_iters = 0  # 0: decay over max_iters
@@ -477,7 +477,8 @@ def main(argv):
     with stop_on_signal(rank) as signals:
         model.train()
         bad_in_a_row, bad_total = 0, 0
-        t_last, tokens_since = time.time(), 0
+        t_last, tokens_since, steps_since = time.time(), 0, 0
+        clipped = torch.zeros((), device=dev)  # steps since the last log line whose gradient norm was above grad_clip
         while iter_num < max_iters:
             lr = get_lr(iter_num)
             for group in optimizer.param_groups:
@@ -491,8 +492,9 @@ def main(argv):
                     loss = loss_hook(iter_num + 1, loss)
                     (loss / gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+            clipped += grad_norm > grad_clip if grad_clip > 0 else 0  # grad_norm is the norm before clipping
             iter_num += 1
-            tokens_since += tokens_per_iter
+            tokens_since, steps_since = tokens_since + tokens_per_iter, steps_since + 1
             # one host sync per step: is the gradient finite, and was any rank asked to stop? (The gradient
             # is all-reduced already, so every rank takes the same decisions.)
             status = torch.stack([torch.isfinite(grad_norm).logical_not().float(),
@@ -518,12 +520,15 @@ def main(argv):
             if iter_num % log_interval == 0 or iter_num == max_iters:
                 dt = time.time() - t_last
                 record = {"iter": iter_num, "split": "train", "loss": loss.item(), "lr": lr,
-                          "grad_norm": grad_norm.item(), **{k: v.item() for k, v in metrics.items()},
+                          "grad_norm": grad_norm.item(), "clipped": clipped.item() / steps_since,
+                          **{k: v.item() for k, v in metrics.items()},
                           "tokens_per_s": tokens_since / dt, "ms_per_iter": 1000 * dt * tokens_per_iter / tokens_since}
                 say(f"iter {iter_num}: loss {record['loss']:.4f}, bpt {record['bpt']:.3f}, lr {lr:.2e}, "
+                    f"grad norm {record['grad_norm']:.3g} (clipped {record['clipped']:.0%}), "
                     f"{record['ms_per_iter']:.0f} ms/iter, {record['tokens_per_s']:,.0f} tok/s")
                 log(log_file, record)
-                t_last, tokens_since = time.time(), 0
+                t_last, tokens_since, steps_since = time.time(), 0, 0
+                clipped.zero_()
 
             t_pause = time.time()  # evaluation and checkpoint time does not count towards tokens/s
             if iter_num % eval_interval == 0 or iter_num == max_iters:

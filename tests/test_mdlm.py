@@ -338,6 +338,33 @@ def test_forward_loss_target_with_a_large_t_eps(free):
     assert_unbiased(mean, se, exact, wrong, "forward, t_eps=0.25")
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_masked_ce_weighting_loss_and_bound(free, schedule):
+    """loss_weighting="masked_ce": E[loss] = int_{t_eps}^1 E_{x_t}[sum_masked CE] dt / ((1 - t_eps) L), no w(t)
+    (exact over the mask patterns, quadrature over t; rejects the ELBO-weighted value, and a mean over the masked
+    tokens instead of a sum / L); on the same draws metrics["bound"] is the ELBO weighting's loss."""
+    _, table = free
+    model = make(False, schedule, t_eps=0.25, loss_weighting="masked_ce")
+    elbo = make(False, schedule, t_eps=0.25)
+    t, w = gauss_legendre(0.25, 1, 8)
+    ce = expected_ce(np.broadcast_to(table, (len(t),) + table.shape), 1 - alpha(schedule, t)).T  # (S, N)
+    exact = (ce @ w).mean() / L / 0.75
+    mean, se = forward_estimates(model, SEQS, 10, 150, seed=5)
+    masked_share = 1 - alpha(schedule, t)
+    wrong = {"ELBO weighting": ((weight(schedule, t) * ce) @ w).mean() / L / 0.75,
+             "mean over the masked tokens": (ce @ w).mean() / L / 0.75 / (masked_share @ w / 0.75)}
+    assert_unbiased(mean, se, exact, wrong, f"masked_ce loss, {schedule}")
+    x0 = torch.tensor(SEQS).repeat(4, 1)
+    torch.manual_seed(7)
+    _, loss, metrics = model(x0)
+    torch.manual_seed(7)
+    _, elbo_loss, elbo_metrics = elbo(x0)
+    assert torch.equal(metrics["bound"], elbo_loss) and torch.equal(elbo_metrics["bound"], elbo_loss)
+    assert not torch.equal(loss, elbo_loss)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        make(False, loss_weighting="nope")
+
+
 # ---- learning a known answer --------------------------------------------------------------------------------
 def test_iid_tokens_nelbo_reaches_entropy():
     """On i.i.d. tokens the best NELBO per token is the entropy H (every masked token costs at least H);

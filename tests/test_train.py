@@ -463,3 +463,31 @@ def test_ema_state_dict_roundtrip():
     avg = ema.averaged_model(Tiny())
     assert_states_equal(avg.state_dict(), {k[len("ema_model."):]: v for k, v in ema.state_dict().items()
                                            if k.startswith("ema_model.")}, "averaged_model")
+
+
+# ---- gradient clipping: logged, and each family's own ------------------------------------------------
+def test_clip_share_is_logged_against_the_norm_before_clipping(tiny_text8_shared, tmp_path):
+    """Step 1 is the same whatever grad_clip is (clipping acts on the update), so its logged grad_norm g
+    must be the norm before clipping, and step 1 counts as clipped exactly when grad_clip < g; the train
+    line prints both; grad_clip=0 never clips."""
+    def first_record(clip, name):
+        out = run_train("mdlm_tiny", f"--data_root_dir={tiny_text8_shared}", f"--out_dir={tmp_path / name}",
+                        "--max_iters=1", "--log_interval=1", f"--grad_clip={clip}")
+        rec = [r for r in read_log(tmp_path / name) if r["split"] == "train"][0]
+        return rec, out
+    free, _ = first_record(0, "free")
+    g = free["grad_norm"]
+    assert g > 0 and free["clipped"] == 0
+    below, out = first_record(g * 0.99, "below")
+    above, _ = first_record(g * 1.01, "above")
+    assert below["grad_norm"] == pytest.approx(g, rel=1e-6) and below["clipped"] == 1.0
+    assert above["grad_norm"] == pytest.approx(g, rel=1e-6) and above["clipped"] == 0.0
+    assert "(clipped 100%)" in out
+
+
+def test_each_family_clips_as_its_paper():
+    """D3PM 0.1 (nanoDD), MDLM / BD3-LM / AR 1.0, in every config of the family."""
+    expected = {"D3PMAbsorbing": 0.1, "MDLM": 1.0, "BD3LM": 1.0, "AR": 1.0}
+    for name in configs.NAMES:
+        cls, _, training_args = getattr(configs, name)()
+        assert training_args.get("grad_clip") == expected[cls.__name__], name
