@@ -17,6 +17,7 @@ from ar import AR
 from bd3lm import BD3LM
 from common import UserError
 from d3pm import D3PMAbsorbing
+from genmd4 import GenMD4
 from mdlm import MDLM
 
 
@@ -171,6 +172,28 @@ def bd3lm_text8_cpu():
 def bd3lm_tiny():
     """A toy block-diffusion model for tests and smoke runs."""
     return _block(d3pm_tiny)
+
+
+def _learned(d3pm_config):
+    _, model_args, training_args = d3pm_config()
+    return GenMD4, dict(_network_args(model_args), time_conditioning=True, antithetic=True, t_eps=1e-3), \
+        dict(training_args, grad_clip=1.0)
+
+
+def genmd4_text8():
+    """GenMD4 (masked diffusion with a learned schedule per token, time input) at d3pm_text8's size and budget.
+    Each step calls the network on twice the batch (two masks per sequence for the schedule's gradient)."""
+    return _learned(d3pm_text8)
+
+
+def genmd4_text8_cpu():
+    """GenMD4 with exactly d3pm_text8_cpu's network, data, batch, schedule and steps."""
+    return _learned(d3pm_text8_cpu)
+
+
+def genmd4_tiny():
+    """A toy GenMD4 for tests and smoke runs."""
+    return _learned(d3pm_tiny)
 
 
 NAMES = [name for name, f in list(globals().items())

@@ -43,9 +43,10 @@ import torch
 from ar import AR
 from bd3lm import BD3LM
 from d3pm import D3PMAbsorbing
+from genmd4 import GenMD4
 from mdlm import MDLM
 
-FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM)}  # checkpoints name them: model_cls
+FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM, GenMD4)}  # checkpoints name them: model_cls
 
 EMA_PREFIX = "ema_model."
 
