@@ -6,6 +6,8 @@ opening checkpoints (families.py reads them).
 import gc
 import os
 import pickle
+import socket
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -240,22 +242,27 @@ def newest_checkpoint(run_dir):
     return best
 
 
+def hub_online():
+    """False when HF_HUB_OFFLINE is set or the hub cannot be reached within 5 s (so offline fails fast)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_checkpoint(spec):
     """A local file, a run directory (its ckpt.pt), or a Hugging Face model repo id (downloads ckpt.pt)."""
     if os.path.isdir(spec):
         spec = os.path.join(spec, "ckpt.pt")
     if os.path.exists(spec) or spec.count("/") != 1 or spec.endswith(".pt"):
         return spec
-    import socket
     from huggingface_hub import hf_hub_download
-    online = not os.environ.get("HF_HUB_OFFLINE")
-    if online:
-        try:  # fail fast offline instead of retrying for half a minute; a cached copy still works
-            socket.create_connection(("huggingface.co", 443), timeout=5).close()
-        except OSError:
-            online = False
-    try:
-        return hf_hub_download(repo_id=spec, filename="ckpt.pt", local_files_only=not online)
+    try:  # offline (fail fast instead of retrying for half a minute), a cached copy still works
+        return hf_hub_download(repo_id=spec, filename="ckpt.pt", local_files_only=not hub_online())
     except Exception as e:
         raise UserError(f"{spec} is not a local file and could not be downloaded from the Hugging Face hub "
                         f"({type(e).__name__}); download ckpt.pt yourself and pass its path")

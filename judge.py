@@ -20,16 +20,14 @@ The GPT-2 here is our own small module with the parameter names of the OpenAI / 
 import math
 import os
 import pickle
-import socket
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, default_dataset, load_codec, resolve_checkpoint
+from common import UserError, default_dataset, hub_online, load_codec, resolve_checkpoint
 from families import load_checkpoint
 
 # ---- GPT-2 ------------------------------------------------------------------------------------------
@@ -146,18 +144,6 @@ def gpt2_state_dict(hf_state):
     return out
 
 
-def _hub_online():
-    """False when HF_HUB_OFFLINE is set or the hub cannot be reached within 5 s (so offline fails fast)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_gpt2(name, device="cpu", cache_dir=None):
     """GPT-2 by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl): pytorch_model.bin from the Hugging Face hub
     (openai-community/NAME, or the legacy id NAME; a cached copy is used offline), in eval mode on device.
@@ -165,7 +151,7 @@ def load_gpt2(name, device="cpu", cache_dir=None):
     if name not in GPT2_SIZES:
         raise UserError(f"unknown GPT-2 {name!r} (known: {', '.join(GPT2_SIZES)})")
     from huggingface_hub import hf_hub_download
-    online = _hub_online()
+    online = hub_online()
     path, err = None, None
     for repo_id in (f"openai-community/{name}", name):
         try:
