@@ -47,7 +47,7 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
     dev = next(model.parameters()).device
     rng = np.random.default_rng([seed, rank])
     gen = torch.Generator(device=dev).manual_seed(seed * 1000 + rank)
-    estimates, total, total_sq = [], 0.0, 0.0
+    estimates = []
     if world_size > 1:  # the tensors the all_gather goes through, allocated once (see common.py: teardown)
         send = comm_buffer(torch.zeros(1, dtype=torch.float64, device=dev))
         everyone = [comm_buffer(torch.zeros_like(send)) for _ in range(world_size)]
@@ -58,10 +58,7 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
         if world_size > 1:
             mine = torch.cat(all_gather(everyone, send.copy_(mine)))
         estimates += mine.tolist()
-        total, total_sq = total + float(mine.sum()), total_sq + float((mine.double() ** 2).sum())
-        n = len(estimates)
-        mean = total / n
-        se = math.sqrt(max(total_sq / n - mean ** 2, 0.0) * n / (n - 1) / n) if n > 1 else float("inf")
+        mean, se = summarize(estimates)
         if progress is not None:
             progress.update(len(mine))
             progress.set_postfix_str(f"bpt {mean:.4f} \u00b1 {se:.4f}")
