@@ -292,6 +292,7 @@ SAMPLERS = {  # quality: name -> model.sample options
     "confidence_cosine": dict(sampler="confidence", schedule="cosine"),
     "remask": dict(sampler="remask"), "remask_top_p0.9": dict(sampler="remask", top_p=0.9),
     "remask_eta0.05": dict(sampler="remask", eta=0.05),
+    "greedy_tail": dict(sampler="greedy_tail"), "greedy_tail_top_p0.9": dict(sampler="greedy_tail", top_p=0.9),
 }
 
 

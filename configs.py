@@ -6,7 +6,7 @@ override the globals at the top of train.py. Pick one with `python train.py NAME
 The masked (mdlm_*), autoregressive (ar_*) and block-diffusion (bd3lm_*) configs use exactly the network, data,
 batch, learning-rate schedule and steps of the D3PM config of the same name, so the families are compared at
 equal budget. Each family clips gradients as its paper does: the D3PM at 0.1 (nanoDD; its loss is ~30x smaller),
-MDLM, BD3-LM and the autoregressive model at 1.0. Override model arguments on the command line, e.g. `python train.py bd3lm_text8 --block_size=16`.
+MDLM, BD3-LM, Duo and the autoregressive model at 1.0. Override model arguments on the command line, e.g. `python train.py bd3lm_text8 --block_size=16`.
 
 split_command_line and parse_overrides read the `[CONFIG] [--key=value ...]` command line that train.py and
 bench.py share, each value type-checked against the default it replaces.
@@ -17,6 +17,7 @@ from ar import AR
 from bd3lm import BD3LM
 from common import UserError
 from d3pm import D3PMAbsorbing
+from duo import Duo
 from genmd4 import GenMD4
 from mdlm import MDLM
 
@@ -198,6 +199,38 @@ def genmd4_text8_cpu():
 def genmd4_tiny():
     """A toy GenMD4 for tests and smoke runs."""
     return _learned(d3pm_tiny)
+
+
+def _uniform(d3pm_config, gamma_min, gamma_max):
+    """Duo: the curriculum for the first half of the steps, as Duo's OpenWebText run (500k of 1M)."""
+    _, model_args, training_args = d3pm_config()
+    return Duo, dict(_network_args(model_args), antithetic=True, t_eps=1e-3,
+                     curriculum_iters=training_args["max_iters"] // 2, gamma_min=gamma_min, gamma_max=gamma_max,
+                     tau=1e-3), dict(training_args, grad_clip=1.0)
+
+
+# Duo's curriculum range: its OpenWebText script's gamma in [-3.55, -1.85] covers alpha in [0.049, 0.945] under GPT-2's
+# 50257 tokens (and its LM1B range the same under BERT's 30522); with text8's 27 tokens that alpha range is
+# gamma in [-2.68, 1.59] (duo.gaussian_alpha).
+def duo_text8():
+    """Uniform-state diffusion with Duo's Gaussian curriculum (--curriculum_iters=0: plain UDLM) at d3pm_text8's
+    size and budget."""
+    return _uniform(d3pm_text8, -2.68, 1.59)
+
+
+def duo_openwebtext_8gpu():
+    """Duo at d3pm_openwebtext_8gpu's size and budget, with its OpenWebText script's curriculum range."""
+    return _uniform(d3pm_openwebtext_8gpu, -3.55, -1.85)
+
+
+def duo_text8_cpu():
+    """Duo with exactly d3pm_text8_cpu's network, data, batch, schedule and steps."""
+    return _uniform(d3pm_text8_cpu, -2.68, 1.59)
+
+
+def duo_tiny():
+    """A toy Duo for tests and smoke runs."""
+    return _uniform(d3pm_tiny, -2.68, 1.59)
 
 
 NAMES = [name for name, f in list(globals().items())

@@ -25,11 +25,13 @@ arguments (its `model_args`, stored in every checkpoint), with:
                       fill the mask_id positions of x (B, L); other tokens are given and never change.
                       steps: the sampler's step count (None: the family's exact sampler); callback(x, t)
                       after each network call; cache=False: the same samples without the family's
-                      shortcut (for comparison); sampler "ancestral", "confidence" or "remask" and opts
+                      shortcut (for comparison); sampler "ancestral", "confidence", "remask" or "greedy_tail" and opts
                       temperature, top_k, top_p, score, schedule, eta (sampling.py). What a family cannot
                       do (an option, infilling) is a ValueError, which the scripts print as one line.
 Optionally:
     check_length(L)   raise ValueError when windows of L tokens do not fit the model (block diffusion)
+    start_iteration(iter_num)  called by train.py before every optimizer step (an objective that changes during
+                      training: duo.py's curriculum)
     any_length = True sample() writes any number of tokens itself, given opts window (the training length)
                       and stop_id (stop once every row has produced it); without it sample.py --length
                       generates window after window (sampling.generate_long)
@@ -43,10 +45,11 @@ import torch
 from ar import AR
 from bd3lm import BD3LM
 from d3pm import D3PMAbsorbing
+from duo import Duo
 from genmd4 import GenMD4
 from mdlm import MDLM
 
-FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM, GenMD4)}  # checkpoints name them: model_cls
+FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM, GenMD4, Duo)}  # checkpoints name them: model_cls
 
 EMA_PREFIX = "ema_model."
 

@@ -102,10 +102,11 @@ def main(argv=None):
     p.add_argument("--load_ema", type=lambda text: parse_value("load_ema", text, True), dest="ema",
                    help="the original's flag: --load_ema false is --no_ema")
     p.add_argument("--device", default="auto")
-    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence", "remask"],
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence", "remask", "greedy_tail"],
                    help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "
                         "in --steps calls, most confident positions first; remask: ReMDM, the --steps grid with "
-                        "generated tokens masked again w.p. --eta (masked models)")
+                        "generated tokens masked again w.p. --eta (masked models); greedy_tail: the ancestral "
+                        "sampler whose last step takes the argmax (uniform-state)")
     p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
                    "confidence: the number of network calls; remask: the grid's steps (block diffusion: per block)")
     p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")

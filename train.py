@@ -481,6 +481,8 @@ def main(argv):
         clipped = torch.zeros((), device=dev)  # steps since the last log line whose gradient norm was above grad_clip
         while iter_num < max_iters:
             lr = get_lr(iter_num)
+            if hasattr(model, "start_iteration"):  # an objective that changes during training (duo.py's curriculum)
+                model.start_iteration(iter_num)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro_step in range(gradient_accumulation_steps):

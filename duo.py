@@ -1,0 +1,246 @@
+"""
+Uniform-state diffusion (UDLM, Schiff et al. 2024) trained with Duo's Gaussian curriculum (Sahoo et al. 2025).
+
+Forward process. Token ids 0..V-1 and no mask token: a token stays clean w.p. alpha(t) = 1 - t, else it becomes
+a uniformly random token (possibly itself),
+    q(z_t | x) = Cat(alpha_t onehot(x) + (1 - alpha_t) / V),     q(z_1 | x) = uniform: the prior.
+Every step of the reverse process may change every token, so a wrong token can still be repaired.
+
+Reverse model. The DiT sees z_t and t and predicts x_theta = p(x | z_t) over the V tokens; the step from t to
+s < t plugs x_theta into the true posterior (Bayes with q(z_t | z_s) = alpha_t/alpha_s onehot(z_s) + ...):
+    q(z_s | z_t, x) = [V a_t x * z_t + (a_t/a_s - a_t) z_t + (a_s - a_t) x + (1 - a_t/a_s)(1 - a_s)/V]
+                      / (V a_t x[z_t] + 1 - a_t),         (posterior; a = alpha, * elementwise, z_t one-hot)
+which at s = 0 is x itself.
+
+Objective: the continuous-time negative ELBO (UDLM), per token, with xbar = V a_t onehot(x) + 1 - a_t and
+xbar_theta = V a_t x_theta + 1 - a_t (vectors over the V tokens),
+    NELBO = int_0^1 E_{z_t} a'_t / (V a_t) [ V/xbar[z_t] - V/xbar_theta[z_t]
+                     - sum_j xbar_j/xbar[z_t] log(xbar_theta[z_t] xbar_j / (xbar_theta[j] xbar[z_t])) ] dt.
+There is no other term: z_0 = x exactly (the decoder is the identity) and q(z_1 | x) is the prior. The
+integrand is bounded on [0, 1], so evaluation integrates all of it. Since sum_j xbar_j = V, the sum needs only
+log xbar_theta at z_t and at x and sum_j log xbar_theta[j] (Duo's closed form, nelbo_integrand): no one-hot
+or xbar tensor is built, only the logits and their transform.
+
+The duality (Duo). Gaussian latents w_t = at onehot(x) + st eps over the V tokens (at^2 = sigmoid(-gamma),
+st^2 = sigmoid(gamma)) have argmax(w_t) = x w.p. p = int phi(z - nu) Phi(z)^(V-1) dz, nu = sqrt(SNR) =
+exp(-gamma/2), and a uniformly random other token otherwise: argmax(w_t) is z_t of the uniform-state process
+with alpha = (V p - 1)/(V - 1) (gaussian_alpha). The curriculum trains, for the first curriculum_iters steps,
+on gamma linear in t over [gamma_min, gamma_max], feeding the network the soft input softmax(w_t / tau) (its
+embedding is probs @ embedding) while the loss uses z_t = argmax(w_t) and that alpha: a low-variance,
+nearly discrete input. Then the plain NELBO.
+"""
+import functools
+import math
+
+import torch
+import torch.nn as nn
+
+from model import DiT
+from sampling import draw, filter_logits
+
+
+# ---- the math, as functions of tensors ---------------------------------------------------------------------
+def nelbo_integrand(log_x_theta, z_t, x0, alpha, dalpha):
+    """The NELBO integrand per token (B, L), Duo's closed form of the formula at the top of the file, in the dtype
+    of log_x_theta (B, L, V). alpha, dalpha: alpha_t and its derivative in t, (B, 1) (or broadcastable to (B, L))."""
+    V = log_x_theta.shape[-1]
+    a = alpha.to(log_x_theta.dtype)
+    log_xbar_theta = torch.logaddexp(torch.log(V * a)[..., None] + log_x_theta, torch.log1p(-a)[..., None])
+    f_z = log_xbar_theta.gather(-1, z_t[..., None]).squeeze(-1)
+    f_x = log_xbar_theta.gather(-1, x0[..., None]).squeeze(-1)
+    f_sum = log_xbar_theta.sum(-1)
+    xbar_z = torch.where(z_t == x0, V * a + 1 - a, 1 - a)
+    # sum_j xbar_j log xbar_j (xbar_x = V a + 1 - a, the V - 1 others 1 - a)
+    xbar_log_xbar = torch.xlogy(V * a + 1 - a, V * a + 1 - a) + (V - 1) * torch.xlogy(1 - a, 1 - a)
+    cross = V * (f_z - torch.log(xbar_z)) + xbar_log_xbar - V * a * f_x - (1 - a) * f_sum
+    bracket = V / xbar_z - V * torch.exp(-f_z) - cross / xbar_z
+    return dalpha.to(log_x_theta.dtype) / (V * a) * bracket
+
+
+def posterior(x, z_t, alpha_s, alpha_t):
+    """q(z_s | z_t, x) (B, L, V) for x one-hot (the true posterior) or x_theta probabilities (the model's step),
+    z_t (B, L) ids; alpha_s, alpha_t floats or tensors broadcastable to (B, L, 1). Float64 in, float64 out."""
+    V = x.shape[-1]
+    z = torch.nn.functional.one_hot(z_t, V).to(x.dtype)
+    x_z = x.gather(-1, z_t[..., None])
+    numerator = (V * alpha_t * x * z + (alpha_t / alpha_s - alpha_t) * z + (alpha_s - alpha_t) * x
+                 + (1 - alpha_t / alpha_s) * (1 - alpha_s) / V)
+    return numerator / (V * alpha_t * x_z + 1 - alpha_t)
+
+
+def gaussian_accuracy(gamma, V, points=4801):
+    """P(argmax(w) = x) for w = at onehot(x) + st eps, float64, by quadrature (Simpson on u in [-12, 12]):
+    p = int phi(u) Phi(u + nu)^(V - 1) du, nu = exp(-gamma / 2); and dp/dnu = (V - 1) int phi(u) phi(u + nu)
+    Phi(u + nu)^(V - 2) du. Returns (p, dp/dnu), each of gamma's shape."""
+    gamma = torch.as_tensor(gamma, dtype=torch.float64)
+    u = torch.linspace(-12, 12, points, dtype=torch.float64)
+    simpson = torch.ones(points, dtype=torch.float64)
+    simpson[1:-1:2], simpson[2:-1:2] = 4, 2
+    simpson *= (u[1] - u[0]) / 3
+    nu = torch.exp(-gamma / 2).reshape(-1, 1)
+    phi_u = torch.exp(-u ** 2 / 2) / math.sqrt(2 * math.pi)
+    log_cdf = torch.special.log_ndtr(u + nu)
+    p = (phi_u * torch.exp((V - 1) * log_cdf)) @ simpson
+    log_pdf = -(u + nu) ** 2 / 2 - 0.5 * math.log(2 * math.pi)
+    dp = (V - 1) * (phi_u * torch.exp(log_pdf + (V - 2) * log_cdf)) @ simpson
+    return p.reshape(gamma.shape), dp.reshape(gamma.shape)
+
+
+GAMMA_RANGE, GAMMA_POINTS = (-16.0, 16.0), 4097  # the cached grid of gaussian_alpha
+
+
+@functools.lru_cache(maxsize=None)
+def _duality_table(V):
+    """alpha and dalpha/dgamma on the GAMMA_POINTS-point grid over GAMMA_RANGE (float64, about 0.1 s)."""
+    gamma = torch.linspace(*GAMMA_RANGE, GAMMA_POINTS, dtype=torch.float64)
+    p, dp_dnu = gaussian_accuracy(gamma, V)
+    dnu_dgamma = -torch.exp(-gamma / 2) / 2
+    return (V * p - 1) / (V - 1), V / (V - 1) * dp_dnu * dnu_dgamma
+
+
+def gaussian_alpha(gamma, V):
+    """The uniform-state alpha = T(at) = (V p - 1)/(V - 1) that argmax(w_t) follows at log-SNR -gamma, and
+    dalpha/dgamma, both float64, linearly interpolated on the cached grid (gamma clamped to GAMMA_RANGE)."""
+    alpha, dalpha = _duality_table(V)
+    gamma = torch.as_tensor(gamma, dtype=torch.float64)
+    lo, hi = GAMMA_RANGE
+    pos = ((gamma.clamp(lo, hi) - lo) / (hi - lo) * (GAMMA_POINTS - 1)).cpu()
+    i = pos.floor().long().clamp(max=GAMMA_POINTS - 2)
+    frac = pos - i
+    out = [(table[i] * (1 - frac) + table[i + 1] * frac).to(gamma.device) for table in (alpha, dalpha)]
+    return out[0], out[1]
+
+
+# ---- the model ---------------------------------------------------------------------------------------------
+class Duo(nn.Module):
+    def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, antithetic=True, t_eps=1e-3,
+                 curriculum_iters=0, gamma_min=-3.55, gamma_max=-1.85, tau=1e-3):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.mask_id = vocab_size  # not a token: "generate this position" in sample()'s input
+        self.antithetic, self.t_eps = antithetic, t_eps
+        self.curriculum_iters, self.gamma_min, self.gamma_max, self.tau = curriculum_iters, gamma_min, gamma_max, tau
+        self.in_curriculum = False  # set by start_iteration (train.py); never in evaluation
+        self.net = DiT(vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout)
+
+    def alpha(self, t):
+        """P(token still clean at time t) = 1 - t, float64."""
+        return 1 - torch.as_tensor(t, dtype=torch.float64)
+
+    def logits(self, z_t, t):
+        """Logits (B, L, V) of x_theta. z_t: (B, L) ids, or (B, L, V) probability vectors (the soft input);
+        t: (B,) in [0, 1]."""
+        return self.net(z_t, 1000 * t.float())
+
+    def q_sample(self, x0, t, generator=None):
+        """z_t ~ q(z_t | x0): each token is replaced w.p. t by a uniformly random token. t: (B,)."""
+        replace = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator) < t[:, None].to(x0.device)
+        noise = torch.randint(0, self.vocab_size, x0.shape, device=x0.device, generator=generator)
+        return torch.where(replace, noise, x0)
+
+    def start_iteration(self, iter_num):
+        """train.py calls this before every optimizer step: the first curriculum_iters steps use the curriculum."""
+        self.in_curriculum = iter_num < self.curriculum_iters
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def draw_times(self, B, device):
+        """t in [t_eps, 1]: antithetic (u + i/B) mod 1 with one u per batch, or i.i.d. uniform."""
+        r = torch.rand((), dtype=torch.float64, device=device) if self.antithetic else \
+            torch.rand(B, dtype=torch.float64, device=device)
+        if self.antithetic:
+            r = (r + torch.arange(B, dtype=torch.float64, device=device) / B) % 1
+        return self.t_eps + (1 - self.t_eps) * r
+
+    def curriculum_latents(self, x0, t):
+        """The curriculum's inputs at times t in [0, 1] (gamma = gamma_min + t (gamma_max - gamma_min)):
+        (soft input softmax(w_t / tau), z_t = argmax w_t, alpha, dalpha/dt, the network's time 1 - alpha)."""
+        gamma = self.gamma_min + t * (self.gamma_max - self.gamma_min)
+        alpha, dalpha_dgamma = gaussian_alpha(gamma, self.vocab_size)
+        a_tilde, s_tilde = torch.sigmoid(-gamma).sqrt().float(), torch.sigmoid(gamma).sqrt().float()
+        w = torch.randn(*x0.shape, self.vocab_size, device=x0.device) * s_tilde[:, None, None]
+        w.scatter_add_(-1, x0[..., None], a_tilde[:, None, None].expand(*x0.shape, 1).contiguous())
+        return (w / self.tau).softmax(-1), w.argmax(-1), alpha, dalpha_dgamma * (self.gamma_max - self.gamma_min), 1 - alpha
+
+    def forward(self, x0, t=None):
+        """x0: (B, L). loss = bound = mean over the batch of the NELBO integrand at t ~ draw_times (a one-sample
+        estimate of the NELBO per token on [t_eps, 1]); under the curriculum (training only), the integrand at
+        the curriculum's alpha and z_t with the soft input. Returns (logits, loss, metrics: bound, bpt)."""
+        if t is None:
+            t = self.draw_times(x0.shape[0], x0.device)
+        if self.training and self.in_curriculum:
+            net_input, z_t, alpha, dalpha, t_net = self.curriculum_latents(x0, t)
+        else:
+            z_t = net_input = self.q_sample(x0, t)
+            alpha, dalpha, t_net = self.alpha(t), -torch.ones_like(t), t
+        logits = self.logits(net_input, t_net.to(x0.device))
+        integrand = nelbo_integrand(logits.log_softmax(-1), z_t, x0, alpha[:, None].to(x0.device),
+                                    dalpha[:, None].to(x0.device))
+        loss = integrand.mean()
+        return logits, loss, dict(bound=loss.detach(), bpt=loss.detach() / math.log(2))
+
+    # ---- the bound, for evaluate.py ----------------------------------------------------------------------------
+    def bound_name(self, T=None):
+        return f"{T}-step bound" if T else "continuous NELBO"
+
+    def batch_bound(self, x0, offset, generator=None, T=None):
+        """One unbiased estimate (float64 0-dim, nats/token) on a (B, L) batch, offset in [0, 1) stratifying it.
+        T = None: the NELBO, row i at t_i = (i + offset)/B (all of [0, 1], its integrand being bounded), the
+        integrand in float64. Unlike the masked models' any-order form, which conditions the masking away
+        exactly, every row here carries the noise of its z_t and the spread of the integrand over t.
+        T = N: the N-step bound sum_j E KL(q(z_s | z_t, x) || q(z_s | z_t, x_theta)), s = t - 1/N (the last
+        step's KL is -log p(x | z_{1/N})), row i at step j_i = 1 + floor((i + offset) N / B), weight N."""
+        B, L = x0.shape
+        dev = x0.device
+        i = torch.arange(B, dtype=torch.float64, device=dev)
+        if T:
+            j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
+            t, s = j / T, (j - 1) / T
+            z_t = self.q_sample(x0, t, generator)
+            x_theta = self.logits(z_t, t).double().softmax(-1)
+            a_t, a_s = self.alpha(t)[:, None, None], self.alpha(s)[:, None, None]
+            q = posterior(torch.nn.functional.one_hot(x0, self.vocab_size).double(), z_t, a_s, a_t)
+            p = posterior(x_theta, z_t, a_s, a_t)
+            kl = (torch.xlogy(q, q) - torch.xlogy(q, p)).sum(-1)
+            return T * kl.sum(1).mean() / L
+        t = ((i + offset) / B).clamp(min=1e-9)
+        z_t = self.q_sample(x0, t, generator)
+        log_x_theta = self.logits(z_t, t).double().log_softmax(-1)
+        integrand = nelbo_integrand(log_x_theta, z_t, x0, self.alpha(t)[:, None], -torch.ones_like(t)[:, None])
+        return integrand.mean()
+
+    # ---- sampling ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", temperature=1.0,
+               top_k=0, top_p=1.0, **opts):
+        """Ancestral sampling of the mask_id positions of x (B, L) on the grid t_j = j/steps (default L steps), one
+        network call per step: they start as uniformly random tokens; from t_j to t_{j-1} each takes a draw from
+        posterior(x_theta, z_t, alpha(t_{j-1}), alpha(t_j)) in float64, x_theta = softmax of the logits after
+        temperature / top_k / top_p (Duo applies the nucleus to x_theta, never to the posterior). At s = 0 the
+        posterior is x_theta reweighted towards z_t. sampler="greedy_tail": the last step takes argmax x_theta
+        instead (Duo's greedy tail). Given tokens never change; cache is unused (every step changes tokens).
+        Returns (samples, network calls)."""
+        if sampler not in ("ancestral", "greedy_tail"):
+            raise ValueError(f"the uniform-state model samples with ancestral or greedy_tail, not {sampler!r}")
+        if opts:
+            raise ValueError(f"the uniform-state sampler has no option {', '.join(opts)}")
+        B, L = x.shape
+        steps = steps or L
+        generate = x == self.mask_id
+        noise = torch.randint(0, self.vocab_size, x.shape, device=x.device, generator=generator)
+        z = torch.where(generate, noise, x)
+        for j in range(steps, 0, -1):
+            t = torch.full((B,), j / steps, dtype=torch.float64, device=x.device)
+            logits = self.logits(z, t)[generate]
+            if sampler == "greedy_tail" and j == 1:
+                new = filter_logits(logits, temperature or 1.0, top_k, top_p).argmax(-1)
+            elif temperature == 0:
+                new = logits.argmax(-1)
+            else:
+                x_theta = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+                probs = posterior(x_theta[None], z[generate][None], 1 - (j - 1) / steps, 1 - j / steps)[0]
+                new = draw(probs.log(), generator)
+            z = z.clone()
+            z[generate] = new
+            if callback is not None:
+                callback(z, t)
+        return z, steps
