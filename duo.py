@@ -164,10 +164,12 @@ class Duo(nn.Module):
     def forward(self, x0, t=None):
         """x0: (B, L). loss = bound = mean over the batch of the NELBO integrand at t ~ draw_times (a one-sample
         estimate of the NELBO per token on [t_eps, 1]); under the curriculum (training only), the integrand at
-        the curriculum's alpha and z_t with the soft input. Returns (logits, loss, metrics: bound, bpt)."""
+        the curriculum's alpha and z_t with the soft input. Returns (logits, loss, metrics: bound, bpt, curriculum:
+        1.0 when the step used it)."""
         if t is None:
             t = self.draw_times(x0.shape[0], x0.device)
-        if self.training and self.in_curriculum:
+        curriculum = self.training and self.in_curriculum
+        if curriculum:
             net_input, z_t, alpha, dalpha, t_net = self.curriculum_latents(x0, t)
         else:
             z_t = net_input = self.q_sample(x0, t)
@@ -176,7 +178,8 @@ class Duo(nn.Module):
         integrand = nelbo_integrand(logits.log_softmax(-1), z_t, x0, alpha[:, None].to(x0.device),
                                     dalpha[:, None].to(x0.device))
         loss = integrand.mean()
-        return logits, loss, dict(bound=loss.detach(), bpt=loss.detach() / math.log(2))
+        return logits, loss, dict(bound=loss.detach(), bpt=loss.detach() / math.log(2),
+                                  curriculum=torch.tensor(float(curriculum), device=x0.device))
 
     # ---- the bound, for evaluate.py ----------------------------------------------------------------------------
     def bound_name(self, T=None):
