@@ -191,11 +191,11 @@ class BD3LM(MDLM):
                stop_id=None, **opts):
         """Fill the masked positions of x (B, n), any n, block by block from the left; given tokens are kept
         (a prompt is a run of given blocks). Inside a block: mdlm.py's sampler (ancestral with steps = None or
-        N grid steps, or confidence; opts temperature, top_k, top_p, score, schedule); a block sees its earlier
-        blocks, never later ones. window: the training length L (default n): a block sees at most L/L' - 1
-        earlier blocks. cache: keep the clean blocks' keys/values (one extra call per finished block) or
-        re-read the history at every call. stop_id: stop after the first block by which every row has produced
-        it (returns the tokens so far). Returns (samples, network calls)."""
+        N grid steps, confidence, or threshold; opts temperature, top_k, top_p, score, schedule, threshold); a
+        block sees its earlier blocks, never later ones. window: the training length L (default n): a block sees
+        at most L/L' - 1 earlier blocks. cache: keep the clean blocks' keys/values (one extra call per finished
+        block) or re-read the history at every call. stop_id: stop after the first block by which every row has
+        produced it (returns the tokens so far). Returns (samples, network calls)."""
         B, n = x.shape
         size = self.block_size
         window_blocks = max(-(-(window or n) // size), 1)  # blocks in a window (a partial last block counts)

@@ -288,18 +288,29 @@ def bench_suite(config, dev):
 
 SAMPLERS = {  # quality: name -> model.sample options
     "ancestral": {}, "top_p0.9": dict(top_p=0.9), "temp0.8": dict(temperature=0.8),
-    "confidence": dict(sampler="confidence"), "confidence_margin": dict(sampler="confidence", score="margin"),
+    "confidence": dict(sampler="confidence"), "confidence_max": dict(sampler="confidence", score="max"),
+    "confidence_margin": dict(sampler="confidence", score="margin"),
     "confidence_cosine": dict(sampler="confidence", schedule="cosine"),
     "remask": dict(sampler="remask"), "remask_top_p0.9": dict(sampler="remask", top_p=0.9),
     "remask_eta0.05": dict(sampler="remask", eta=0.05),
     "greedy_tail": dict(sampler="greedy_tail"), "greedy_tail_top_p0.9": dict(sampler="greedy_tail", top_p=0.9),
+    **{f"threshold{c}": dict(sampler="threshold", threshold=c) for c in (0.7, 0.8, 0.9)},  # the model picks the calls
 }
+
+
+def quality_runs(samplers, calls):
+    """(sampler name, steps) for --quality_samplers x --quality_calls (comma lists): each sampler at each number
+    of steps, except a threshold sampler, which ignores steps and picks its own calls: once, steps None."""
+    runs = [(name, None) if SAMPLERS.get(name, {}).get("sampler") == "threshold" else (name, int(n))
+            for name in samplers.split(",") if name for n in calls.split(",") if n]
+    return list(dict.fromkeys(runs))
 
 
 @torch.no_grad()
 def bench_quality(config, dev):
     """Sample quality against network calls (--ckpt, judged by --judge): for each sampler of
-    --quality_samplers at each number of steps in --quality_calls, plus the model's exact sampler,
+    --quality_samplers at each number of steps in --quality_calls (a threshold sampler, which ignores steps and
+    picks its own calls: once, steps None), plus the model's exact sampler,
     --quality_samples sequences of the checkpoint's length, scored by judge.quality (gen_ppl, gen_bpt,
     entropy, in_vocab for character corpora). The reference: the same measures on windows of real text
     (--data_dir's test split). One JSON line per point; --plot draws the curves."""
@@ -320,8 +331,7 @@ def bench_quality(config, dev):
                        **quality([codec.decode(r) for r in rows], rows, the_judge, data_dir)})
         emit(points[-1])
     x = torch.full((quality_samples, L), model.mask_id, device=dev)
-    runs = [(name, int(n)) for name in quality_samplers.split(",") if name for n in quality_calls.split(",") if n]
-    for name, n in runs + [("exact", None)]:
+    for name, n in quality_runs(quality_samplers, quality_calls) + [("exact", None)]:
         if name != "exact" and name not in SAMPLERS:
             raise UserError(f"--quality_samplers: unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
         gen = torch.Generator(device=dev).manual_seed(seed)

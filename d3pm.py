@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from model import CrossEntropy, DiT
-from sampling import confidence_decode, draw, remask_decode, unmask_at_event_times
+from sampling import confidence_decode, draw, remask_decode, threshold_decode, unmask_at_event_times
 
 
 class D3PMAbsorbing(nn.Module):
@@ -146,7 +146,9 @@ class D3PMAbsorbing(nn.Module):
         of the grid instead (same samples: for comparison). opts: temperature, top_k, top_p (sampling.draw;
         the defaults keep the sampler exact). sampler="confidence": sampling.confidence_decode in `steps`
         calls (default T) instead, with opts score and schedule too; sampler="remask": sampling.remask_decode
-        (ReMDM) on the `steps`-step grid, opt eta. Returns (samples, network calls).
+        (ReMDM) on the `steps`-step grid, opt eta; sampler="threshold": sampling.threshold_decode, opt threshold
+        (default 0.9; steps is ignored), a row with masked share s called at step round(s T) (at least 1), the
+        step whose masked share 1 - alpha_bar_t = t/T is nearest. Returns (samples, network calls).
         """
         if sampler == "confidence":
             S = steps or self.T
@@ -157,8 +159,11 @@ class D3PMAbsorbing(nn.Module):
             times = [round(self.T * (S - j) / S) for j in range(S + 1)]
             return remask_decode(self.logits, x, times, lambda t: self.ab64[t], self.mask_id, generator, callback,
                                  **opts)
+        if sampler == "threshold":
+            return threshold_decode(self.logits, x, self.mask_id, opts.pop("threshold", 0.9), generator, callback,
+                                    time_of=lambda s: (s * self.T).round().clamp(min=1), **opts)
         if sampler != "ancestral":
-            raise ValueError(f"unknown sampler {sampler!r} (ancestral, confidence or remask)")
+            raise ValueError(f"unknown sampler {sampler!r} (ancestral, confidence, remask or threshold)")
         B, L = x.shape
         ab = self.ab64
         p_tau = ab[:-1] - ab[1:]  # P(tau = t) for t = 1..T

@@ -26,7 +26,8 @@ arguments (its `model_args`, stored in every checkpoint), with:
                       steps: the sampler's step count (None: the family's exact sampler); callback(x, t)
                       after each network call; cache=False: the same samples without the family's
                       shortcut (for comparison); sampler "ancestral", "confidence", "remask" or "greedy_tail" and opts
-                      temperature, top_k, top_p, score, schedule, eta (sampling.py). What a family cannot
+                      temperature, top_k, top_p, score, schedule, eta (sampling.py); "threshold" (opt threshold)
+                      picks its own number of calls and ignores steps. What a family cannot
                       do (an option, infilling) is a ValueError, which the scripts print as one line.
 Optionally:
     check_length(L)   raise ValueError when windows of L tokens do not fit the model (block diffusion)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from model import CrossEntropy, DiT
-from sampling import confidence_decode, draw, remask_decode, unmask_at_event_times
+from sampling import confidence_decode, draw, remask_decode, threshold_decode, unmask_at_event_times
 
 
 class MDLM(nn.Module):
@@ -187,7 +187,9 @@ class MDLM(nn.Module):
         opts: temperature, top_k, top_p (sampling.draw; the defaults keep the sampler exact).
         sampler="confidence": sampling.confidence_decode in `steps` calls (default L) at t = (S - j)/S,
         with opts score and schedule too. sampler="remask": sampling.remask_decode (ReMDM) on the `steps`-step grid
-        (default L), opt eta. Returns (samples, network calls)."""
+        (default L), opt eta. sampler="threshold": sampling.threshold_decode, opt threshold (default 0.9; steps is
+        ignored), a row with masked share s called at t = alpha^{-1}(1 - s), the time whose masking probability
+        is s. Returns (samples, network calls)."""
         return self.denoise(self.logits, x, steps, generator, callback, cache, sampler, **opts)
 
     def denoise(self, logits_fn, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral",
@@ -202,8 +204,11 @@ class MDLM(nn.Module):
             S = steps or L
             times = [(S - j) / S for j in range(S + 1)]
             return remask_decode(logits_fn, x, times, self.alpha, self.mask_id, generator, callback, **opts)
+        if sampler == "threshold":
+            return threshold_decode(logits_fn, x, self.mask_id, opts.pop("threshold", 0.9), generator, callback,
+                                    time_of=lambda s: self.alpha_inverse(1 - s), whole_batch=whole_batch, **opts)
         if sampler != "ancestral":
-            raise ValueError(f"unknown sampler {sampler!r} (ancestral, confidence or remask)")
+            raise ValueError(f"unknown sampler {sampler!r} (ancestral, confidence, remask or threshold)")
         dev = x.device
         every_step = None
         if steps is None:

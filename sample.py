@@ -8,6 +8,7 @@ unmasks one block after the other, left to right.
     python sample.py CKPT --prompt "the meaning of life is"
     python sample.py CKPT --infill "the ??????? of life is ????? and"
     python sample.py CKPT --sampler confidence --steps 32 --top_p 0.9   # MaskGIT-style, 32 calls, nucleus
+    python sample.py CKPT --sampler threshold --threshold 0.9           # Fast-dLLM-style, the model picks the calls
     python sample.py CKPT --length 1024 --prompt "the"                  # beyond the training length
     python sample.py BD3LM_CKPT --length 512 --no_kv_cache               # block diffusion without its cache
 
@@ -102,21 +103,26 @@ def main(argv=None):
     p.add_argument("--load_ema", type=lambda text: parse_value("load_ema", text, True), dest="ema",
                    help="the original's flag: --load_ema false is --no_ema")
     p.add_argument("--device", default="auto")
-    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "confidence", "remask", "greedy_tail"],
+    p.add_argument("--sampler", default="ancestral",
+                   choices=["ancestral", "confidence", "remask", "greedy_tail", "threshold"],
                    help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "
                         "in --steps calls, most confident positions first; remask: ReMDM, the --steps grid with "
                         "generated tokens masked again w.p. --eta (masked models); greedy_tail: the ancestral "
-                        "sampler whose last step takes the argmax (uniform-state)")
+                        "sampler whose last step takes the argmax (uniform-state); threshold: Fast-dLLM-style, "
+                        "each call commits every draw of probability >= --threshold, at least one (masked models)")
     p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
                    "confidence: the number of network calls; remask: the grid's steps (block diffusion: per block)")
     p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: draw from the smallest set of "
                    "tokens with probability >= p")
     p.add_argument("--top_k", type=int, default=0, help="draw from the k most likely tokens (0: all)")
-    p.add_argument("--confidence", default="max", choices=["max", "margin"],
-                   help="confidence sampler: score a position by its top probability or top-1 minus top-2 margin")
+    p.add_argument("--confidence", default="drawn", choices=["drawn", "max", "margin"],
+                   help="confidence sampler: score a position by the probability of its drawn token (default), "
+                        "its top probability, or its top-1 minus top-2 margin")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="confidence sampler: how many positions each step commits")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: commit every drawn token of "
+                   "at least this probability, in (0, 1]")
     p.add_argument("--eta", type=float, default=0.02, help="remask sampler: the largest probability of masking a "
                    "generated token again at a step (ReMDM's eta_cap)")
     p.add_argument("--prompt", default=None, help="text the sequences start with")
@@ -138,6 +144,8 @@ def main(argv=None):
         raise UserError("--steps must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.length < 0:
         raise UserError("--temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 and --length >= 0 are required")
+    if not 0 < args.threshold <= 1:
+        raise UserError(f"--threshold must be in (0, 1], not {args.threshold}")
     if args.length and args.infill is not None:
         raise UserError("--length continues a prompt (or nothing); it does not combine with --infill")
 
@@ -164,6 +172,8 @@ def main(argv=None):
         if not 0 <= args.eta <= 1:
             raise UserError("--eta must be in [0, 1]")
         opts.update(eta=args.eta)
+    if args.sampler == "threshold":
+        opts.update(threshold=args.threshold)
 
     generator = torch.Generator(device=dev).manual_seed(args.seed)
     view = LiveView(codec) if sys.stdout.isatty() and not args.json else None
@@ -199,6 +209,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"samples": texts, "ids": ids, "network_calls": calls, "seconds": seconds,
                           "steps": args.steps, "seed": args.seed, "sampler": args.sampler,
+                          **({"threshold": args.threshold} if args.sampler == "threshold" else {}),
                           "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}))
     else:
         if view:

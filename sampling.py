@@ -4,6 +4,7 @@ Sampling pieces that every model family shares (d3pm.py, mdlm.py, ar.py call the
     draw                   one token per row from logits, float64 inverse CDF, with temperature / top-k / top-p
     unmask_at_event_times  the exact masked-diffusion reverse process, network only where something unmasks
     confidence_decode      MaskGIT / LLaDA-style decoding: commit the most confident positions, S steps
+    threshold_decode       Fast-dLLM-style decoding: commit every position whose draw is likely enough
     remask_decode          ReMDM: the ancestral grid, but a generated token may be masked again and redrawn
     generate_long          any length, semi-autoregressively: each window starts with the previous one's end
 
@@ -44,6 +45,13 @@ def draw(logits, generator=None, u=None, temperature=1.0, top_k=0, top_p=1.0):
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
+def drawn_probability(logits, tokens, temperature=1.0, top_k=0, top_p=1.0):
+    """The probability of tokens (N,) under the distribution draw() samples (N, K) logits from (filter_logits).
+    temperature 0 (the argmax, a point mass) is scored at temperature 1, so that positions still rank."""
+    probs = filter_logits(logits, temperature or 1.0, top_k, top_p).softmax(dim=-1)
+    return probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=None, whole_batch=False,
                           **draw_opts):
     """Run a masked-diffusion reverse process whose unmask times and draws are fixed in advance.
@@ -80,15 +88,19 @@ def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=Non
             callback(x, tr)
 
 
-def confidence_decode(logits_fn, x, times, mask_id, generator=None, callback=None, score="max",
+def confidence_decode(logits_fn, x, times, mask_id, generator=None, callback=None, score="drawn",
                       schedule="linear", **draw_opts):
     """MaskGIT / LLaDA-style decoding in S = len(times) network calls (not a sampler of the model's
     distribution: measure it). Step j calls logits_fn(x, times[j]) (times descending), draws a token for
     every masked position (draw_opts: temperature, top_k, top_p), and commits the k_j positions whose
-    prediction is most confident: score "max" = the largest probability, "margin" = top-1 minus top-2
-    probability; the others stay masked. With M masked positions in a row, k_j = n(j+1) - n(j) with
-    n(j) = round(M f(j/S)), f(s) = s (linear) or 1 - cos(pi s / 2) (cosine: few first, many last), so every
-    position is filled after S steps. Given tokens are never changed. Returns (x, network calls)."""
+    score is highest: "drawn" = the probability of the drawn token (drawn_probability: LLaDA's low_confidence
+    remasking, MaskGIT), "max" = the largest probability, "margin" = top-1 minus top-2 probability (these
+    two of the unfiltered prediction, whatever was drawn); the others stay masked. With M masked positions
+    in a row, k_j = n(j+1) - n(j) with n(j) = round(M f(j/S)), f(s) = s (linear) or 1 - cos(pi s / 2)
+    (cosine: few first, many last), so every position is filled after S steps. Given tokens are never
+    changed. Returns (x, network calls)."""
+    if score not in ("drawn", "max", "margin"):
+        raise ValueError(f"unknown confidence score {score!r} (drawn, max or margin)")
     x = x.clone()
     B = x.shape[0]
     S = len(times)
@@ -106,20 +118,64 @@ def confidence_decode(logits_fn, x, times, mask_id, generator=None, callback=Non
             break
         calls += 1
         logits = logits_fn(x, torch.full((B,), float(t), dtype=torch.float64, device=x.device))
-        probs = torch.softmax(logits[masked].double(), dim=-1)
-        top2 = probs.topk(2, dim=-1).values
-        conf_values = top2[:, 0] if score == "max" else top2[:, 0] - top2[:, 1]
+        lm = logits[masked]
+        drawn = draw(lm, generator, **draw_opts)
+        if score == "drawn":
+            conf_values = drawn_probability(lm, drawn, **draw_opts)
+        else:
+            top2 = torch.softmax(lm.double(), dim=-1).topk(2, dim=-1).values
+            conf_values = top2[:, 0] if score == "max" else top2[:, 0] - top2[:, 1]
         confidence = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=x.device)
         confidence[masked] = conf_values
         k = filled_by(j + 1) - filled_by(j) if j < S - 1 else masked.sum(dim=1)
         rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
         commit = masked & (rank < k[:, None])
         tokens = torch.full_like(x, mask_id)
-        tokens[masked] = draw(logits[masked], generator, **draw_opts)
+        tokens[masked] = drawn
         x = torch.where(commit, tokens, x)
         if callback is not None:
             callback(x, t)
     return x, calls
+
+
+def threshold_decode(logits_fn, x, mask_id, threshold, generator=None, callback=None, time_of=None,
+                     whole_batch=False, **draw_opts):
+    """Confidence-threshold parallel decoding (Fast-dLLM; not a sampler of the model's distribution: measure
+    it). Each call draws a token for every masked position of the rows that still hold a mask (draw_opts:
+    temperature, top_k, top_p) and commits every one whose drawn token has probability >= threshold
+    (drawn_probability), and always the row's most probable draw, so each call fills at least one position:
+    the model decides the number of calls, at most a row's masked count (threshold 1: one position per call,
+    most confident first, unless several draws are certain). A row is called with time time_of(s) (B,)
+    (default: s), s = the share of its originally masked positions still masked (1 at the first call);
+    rows finish independently and are left out of later calls, unless whole_batch (every call gets all rows,
+    as unmask_at_event_times). Given tokens are never changed. Returns (x, network calls)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"the threshold must be in (0, 1], not {threshold}")
+    x = x.clone()
+    n0 = (x == mask_id).sum(dim=1).clamp(min=1).double()  # (B,)
+    calls = 0
+    while True:
+        masked = x == mask_id
+        left = masked.sum(dim=1)
+        rows = (left > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return x, calls
+        share = left.double() / n0
+        t = time_of(share) if time_of is not None else share
+        logits = logits_fn(x, t)[rows] if whole_batch else logits_fn(x[rows], t[rows])
+        calls += 1
+        mr = masked[rows]
+        lm = logits[mr]
+        drawn = draw(lm, generator, **draw_opts)
+        conf = torch.full(mr.shape, float("-inf"), dtype=torch.float64, device=x.device)
+        conf[mr] = drawn_probability(lm, drawn, **draw_opts)
+        commit = mr & (conf >= threshold)
+        commit[torch.arange(rows.numel(), device=x.device), conf.argmax(dim=1)] = True  # a masked one: conf > -inf
+        tokens = torch.full_like(mr, mask_id, dtype=x.dtype)
+        tokens[mr] = drawn
+        x[rows] = torch.where(commit, tokens, x[rows])
+        if callback is not None:
+            callback(x, t[rows])
 
 
 def remask_decode(logits_fn, x, times, alpha, mask_id, generator=None, callback=None, eta=0.02, **draw_opts):

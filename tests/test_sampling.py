@@ -84,9 +84,11 @@ class FakeNet:
 
 
 @pytest.mark.parametrize("S,schedule", [(4, "linear"), (5, "cosine"), (20, "linear")])
-def test_confidence_decoding_schedule_and_invariants(S, schedule):
+@pytest.mark.parametrize("opts", [dict(score="max"), dict(temperature=0)])
+def test_confidence_decoding_schedule_and_invariants(S, schedule, opts):
     # catches: committing the least confident first, the wrong count per step, changing given tokens,
-    # leaving positions masked at the end, an extra or missing call
+    # leaving positions masked at the end, an extra or missing call. Ranked by conf: score "max", or the
+    # default "drawn" at temperature 0 (the argmax, scored at temperature 1: its probability is conf)
     L, V, mask = 20, 5, 5
     net = FakeNet(L, V)
     x = torch.full((3, L), mask)
@@ -95,7 +97,7 @@ def test_confidence_decoding_schedule_and_invariants(S, schedule):
     M = L - len(given)
     history = []
     out, calls = confidence_decode(net, x, [(S - j) / S for j in range(S)], mask, torch.Generator().manual_seed(0),
-                                   callback=lambda y, t: history.append(y.clone()), schedule=schedule)
+                                   callback=lambda y, t: history.append(y.clone()), schedule=schedule, **opts)
     assert calls == S == net.calls and net.times == [(S - j) / S for j in range(S)]
     assert (out != mask).all() and torch.equal(out[:, given], x[:, given])
     frac = (lambda s: s) if schedule == "linear" else (lambda s: 1 - math.cos(math.pi * s / 2))
@@ -112,7 +114,7 @@ def test_confidence_decoding_schedule_and_invariants(S, schedule):
         filled_before = filled
     assert filled_before == M
     again, _ = confidence_decode(FakeNet(L, V), x, [(S - j) / S for j in range(S)], mask,
-                                 torch.Generator().manual_seed(0), schedule=schedule)
+                                 torch.Generator().manual_seed(0), schedule=schedule, **opts)
     assert torch.equal(out, again)  # reproducible with a seed
 
 
