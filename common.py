@@ -1,7 +1,7 @@
 """
-What the scripts (train.py, sample.py, evaluate.py, bench.py) share, and nothing else: the one-line
-user error, device choice, data splits and their tokenizers, process groups, and finding, writing and
-opening checkpoints (families.py reads them).
+What the scripts (train.py, distill.py, sample.py, evaluate.py, bench.py) share, and nothing else: the one-line
+user error, device choice, data splits and their tokenizers, process groups, the EMA of the weights, and finding,
+writing and opening checkpoints (families.py reads them).
 """
 import gc
 import os
@@ -50,6 +50,16 @@ def dataset_vocab_size(data_dir):
         with open(meta_path, "rb") as f:
             return pickle.load(f)["vocab_size"]
     return 50257
+
+
+def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
+    """batch_size random windows of seq_len tokens of a split (rng: a numpy Generator), (B, L) long on dev."""
+    ix = rng.integers(0, len(data) - seq_len + 1, size=batch_size)
+    x = np.stack([data[i:i + seq_len] for i in ix]).astype(np.int64)
+    if x.max() >= vocab_size:
+        raise UserError(f"token id {x.max()} in the data is outside the model's vocabulary (vocab_size="
+                        f"{vocab_size}): this checkpoint was not trained on this dataset")
+    return torch.from_numpy(x).to(dev)
 
 
 def default_dataset(vocab_size):
@@ -198,6 +208,54 @@ def ddp_shutdown():
     torch.distributed.barrier()
     gc.collect()  # a DDP wrapper can sit in a reference cycle
     torch.distributed.destroy_process_group()
+
+
+# ---- training ----------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a model's weights, in the nanoDD checkpoint layout
+    (`initted`, `step`, `ema_model.<key>`). Decay warms up as 1 - 1/(1 + n) up to beta, n counting
+    updates after `update_after_step`; before that the average is a copy of the model."""
+
+    def __init__(self, model, beta, update_after_step):
+        self.beta, self.update_after_step = beta, update_after_step
+        self.model = model
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.initted = torch.tensor(False)
+        self.step = torch.tensor(0)
+
+    @torch.no_grad()
+    def update(self):
+        step = int(self.step)
+        self.step += 1
+        current = self.model.state_dict()
+        if step <= self.update_after_step or not bool(self.initted):
+            for k, v in current.items():
+                self.shadow[k].copy_(v)
+            self.initted = torch.tensor(step > self.update_after_step)
+            return
+        n = step - self.update_after_step - 1
+        decay = min(self.beta, 1 - 1 / (1 + n)) if n > 0 else 0.0
+        floats = [k for k, v in current.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k] for k in floats], 1 - decay)
+        for k, v in current.items():
+            if k not in floats:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self):
+        state = {"initted": self.initted.clone(), "step": self.step.clone()}
+        state.update({"ema_model." + k: v.clone() for k, v in self.shadow.items()})
+        return state
+
+    def load_state_dict(self, state):
+        self.initted = state["initted"].clone().cpu()
+        self.step = state["step"].clone().cpu()
+        for k in self.shadow:
+            self.shadow[k].copy_(state["ema_model." + k])
+
+    def averaged_model(self, template):
+        """A copy of `template` (an un-wrapped model) holding the averaged weights."""
+        template.load_state_dict(self.shadow)
+        return template
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """
 Estimate a model's own bound on the negative log-likelihood of a data split, in bits per token (what
 model.bound_name() says: the D3PM's T-step bound, a masked model's continuous NELBO, the autoregressive
-model's exact NLL, block diffusion's sum of per-block NELBOs; --T N: the N-step bound of a continuous-time model):
+model's exact NLL, block diffusion's sum of per-block NELBOs, the uniform-state model's continuous NELBO; --T N: the
+N-step bound of a continuous-time model):
 
     python evaluate.py out/d3pm_text8_cpu/ckpt.pt --split test
     python evaluate.py out/mdlm_text8_cpu/ckpt.pt --split test --T 64
@@ -27,16 +28,7 @@ import numpy as np
 import torch
 
 from common import (UserError, all_gather, check_length, comm_buffer, ddp_init, ddp_shutdown, default_dataset,
-                    open_model, open_split, pick_device)
-
-
-def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
-    ix = rng.integers(0, len(data) - seq_len + 1, size=batch_size)
-    x = np.stack([data[i:i + seq_len] for i in ix]).astype(np.int64)
-    if x.max() >= vocab_size:
-        raise UserError(f"token id {x.max()} in the data is outside the model's vocabulary (vocab_size="
-                        f"{vocab_size}): this checkpoint was not trained on this dataset")
-    return torch.from_numpy(x).to(dev)
+                    open_model, open_split, pick_device, random_windows)
 
 
 @torch.no_grad()

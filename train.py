@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 import configs
-from common import (UserError, all_gather, all_reduce, atomic_save, check_length, comm_buffer, dataset_vocab_size,
-                    ddp_init, ddp_shutdown, newest_checkpoint, open_split, pick_device)
+from common import (EMA, UserError, all_gather, all_reduce, atomic_save, check_length, comm_buffer,
+                    dataset_vocab_size, ddp_init, ddp_shutdown, newest_checkpoint, open_split, pick_device)
 from families import FAMILIES
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
@@ -177,53 +177,6 @@ def make_optimizer(model, dev):
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
-
-
-class EMA:
-    """Exponential moving average of a model's weights, in the nanoDD checkpoint layout
-    (`initted`, `step`, `ema_model.<key>`). Decay warms up as 1 - 1/(1 + n) up to beta, n counting
-    updates after `update_after_step`; before that the average is a copy of the model."""
-
-    def __init__(self, model, beta, update_after_step):
-        self.beta, self.update_after_step = beta, update_after_step
-        self.model = model
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.initted = torch.tensor(False)
-        self.step = torch.tensor(0)
-
-    @torch.no_grad()
-    def update(self):
-        step = int(self.step)
-        self.step += 1
-        current = self.model.state_dict()
-        if step <= self.update_after_step or not bool(self.initted):
-            for k, v in current.items():
-                self.shadow[k].copy_(v)
-            self.initted = torch.tensor(step > self.update_after_step)
-            return
-        n = step - self.update_after_step - 1
-        decay = min(self.beta, 1 - 1 / (1 + n)) if n > 0 else 0.0
-        floats = [k for k, v in current.items() if v.is_floating_point()]
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k] for k in floats], 1 - decay)
-        for k, v in current.items():
-            if k not in floats:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self):
-        state = {"initted": self.initted.clone(), "step": self.step.clone()}
-        state.update({"ema_model." + k: v.clone() for k, v in self.shadow.items()})
-        return state
-
-    def load_state_dict(self, state):
-        self.initted = state["initted"].clone().cpu()
-        self.step = state["step"].clone().cpu()
-        for k in self.shadow:
-            self.shadow[k].copy_(state["ema_model." + k])
-
-    def averaged_model(self, template):
-        """A copy of `template` (an un-wrapped model) holding the averaged weights."""
-        template.load_state_dict(self.shadow)
-        return template
 
 
 RNG_KEYS = ("torch", "data", "cuda")
