@@ -53,6 +53,7 @@ def sliding_block_mask(n, block_size, window_blocks, device):
 class BD3LM(MDLM):
     """mdlm.py's schedule, weights and samplers, applied block by block (no time input)."""
     any_length = True  # sample() generates any number of tokens itself (sample.py --length)
+    distill_loss = None  # MDLM's SDTT distils a whole window, not blocks: distill.py refuses
 
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, block_size=4, schedule="linear",
                  antithetic=True, t_eps=1e-3, t_min=0.0, t_max=1.0):

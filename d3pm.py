@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from model import CrossEntropy, DiT
-from sampling import confidence_decode, draw, remask_decode, threshold_decode, unmask_at_event_times
+from sampling import confidence_decode, draw, remask_decode, sdtt_loss, threshold_decode, unmask_at_event_times
 
 
 class D3PMAbsorbing(nn.Module):
@@ -97,6 +97,15 @@ class D3PMAbsorbing(nn.Module):
         metrics = dict(kl=kl_mean.detach(), ce=ce.mean().detach(), l_T=l_T.detach(), bound=l_T.detach(),
                        bpt=l_T.detach() / math.log(2))
         return logits, loss, metrics
+
+    def distill_loss(self, teacher, x0, steps):
+        """SDTT (sampling.sdtt_loss) for distill.py: the student (self) learns to take in one step from t the
+        teacher's two steps of T/steps, at t drawn per sequence on the student's grid {2j T / steps} (rounded)."""
+        j = torch.randint(1, steps // 2 + 1, (x0.shape[0],), device=x0.device)
+        t, mid, s = ((2 * j - k) * self.T / steps for k in (0, 1, 2))
+        t, mid, s = t.round().long(), mid.round().long(), s.round().long()
+        x_t = self.q_sample(x0, t)
+        return sdtt_loss(self.logits(x_t, t), teacher.logits, x_t, [t, mid, s], lambda i: self.ab64[i], self.mask_id)
 
     def bound_name(self, T=None):
         return f"{self.T}-step bound"

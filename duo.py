@@ -112,6 +112,25 @@ def gaussian_alpha(gamma, V):
     return out[0], out[1]
 
 
+def gaussian_gamma(alpha, V):
+    """The inverse of gaussian_alpha: the gamma (float64) at which argmax(w_t) follows alpha, by linear
+    interpolation on the cached grid (alpha clamped to the grid's range)."""
+    table = _duality_table(V)[0].flip(0)  # increasing in alpha
+    gammas = torch.linspace(*GAMMA_RANGE, GAMMA_POINTS, dtype=torch.float64).flip(0)
+    a = torch.as_tensor(alpha, dtype=torch.float64)
+    a_cpu = a.cpu().clamp(float(table[0]), float(table[-1]))
+    i = (torch.searchsorted(table, a_cpu) - 1).clamp(0, GAMMA_POINTS - 2)
+    frac = (a_cpu - table[i]) / (table[i + 1] - table[i])
+    return (gammas[i] + frac * (gammas[i + 1] - gammas[i])).to(a.device)
+
+
+def gaussian_latents(x0, gamma, V, eps):
+    """w = at onehot(x0) + st eps (B, L, V) at log-SNR -gamma (B,), at^2 = sigmoid(-gamma), st^2 = sigmoid(gamma)."""
+    a_tilde, s_tilde = torch.sigmoid(-gamma).sqrt().float(), torch.sigmoid(gamma).sqrt().float()
+    w = eps * s_tilde[:, None, None]
+    return w.scatter_add(-1, x0[..., None], a_tilde[:, None, None].expand(*x0.shape, 1).contiguous())
+
+
 # ---- the model ---------------------------------------------------------------------------------------------
 class Duo(nn.Module):
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, antithetic=True, t_eps=1e-3,
@@ -157,9 +176,7 @@ class Duo(nn.Module):
         (soft input softmax(w_t / tau), z_t = argmax w_t, alpha, dalpha/dt, the network's time 1 - alpha)."""
         gamma = self.gamma_min + t * (self.gamma_max - self.gamma_min)
         alpha, dalpha_dgamma = gaussian_alpha(gamma, self.vocab_size)
-        a_tilde, s_tilde = torch.sigmoid(-gamma).sqrt().float(), torch.sigmoid(gamma).sqrt().float()
-        w = torch.randn(*x0.shape, self.vocab_size, device=x0.device) * s_tilde[:, None, None]
-        w.scatter_add_(-1, x0[..., None], a_tilde[:, None, None].expand(*x0.shape, 1).contiguous())
+        w = gaussian_latents(x0, gamma, self.vocab_size, torch.randn(*x0.shape, self.vocab_size, device=x0.device))
         return (w / self.tau).softmax(-1), w.argmax(-1), alpha, dalpha_dgamma * (self.gamma_max - self.gamma_min), 1 - alpha
 
     def forward(self, x0, t=None):
@@ -181,6 +198,22 @@ class Duo(nn.Module):
         loss = integrand.mean()
         return logits, loss, dict(bound=loss.detach(), bpt=loss.detach() / math.log(2),
                                   curriculum=torch.tensor(float(curriculum), device=x0.device))
+
+    def distill_loss(self, teacher, x0, steps):
+        """Duo's discrete consistency distillation (DCD) for distill.py: t uniform in [t_eps, 1] moved up by
+        delta = 1/steps (at most 1), s = t - delta; one shared eps gives Gaussian latents at the gammas where
+        argmax follows alpha(t) and alpha(s) (gaussian_gamma), z_t and z_s their argmax; the student (self) at
+        (z_t, t) learns the teacher's x_theta at (z_s, s): loss = mean over positions of KL(student || teacher)."""
+        B, V = x0.shape[0], self.vocab_size
+        t = (self.t_eps + (1 - self.t_eps) * torch.rand(B, dtype=torch.float64, device=x0.device) + 1 / steps).clamp(max=1)
+        s = t - 1 / steps
+        eps = torch.randn(*x0.shape, V, device=x0.device)
+        z_t = gaussian_latents(x0, gaussian_gamma(self.alpha(t), V), V, eps).argmax(-1)
+        z_s = gaussian_latents(x0, gaussian_gamma(self.alpha(s), V), V, eps).argmax(-1)
+        with torch.no_grad():
+            log_p = teacher.logits(z_s, s).log_softmax(-1)
+        log_q = self.logits(z_t, t).log_softmax(-1)
+        return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
 
     # ---- the bound, for evaluate.py ----------------------------------------------------------------------------
     def bound_name(self, T=None):

@@ -66,6 +66,7 @@ from sampling import confidence_decode, filter_logits
 
 class GenMD4(MDLM):
     """mdlm.py's network, logits and training times, with a learned schedule alpha_{t,v} = 1 - t^{w_v}."""
+    distill_loss = None  # MDLM's SDTT assumes one schedule for every token: distill.py refuses
 
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, time_conditioning=True,
                  antithetic=True, t_eps=1e-3):

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from model import CrossEntropy, DiT
-from sampling import confidence_decode, draw, remask_decode, threshold_decode, unmask_at_event_times
+from sampling import confidence_decode, draw, remask_decode, sdtt_loss, threshold_decode, unmask_at_event_times
 
 
 class MDLM(nn.Module):
@@ -122,6 +122,15 @@ class MDLM(nn.Module):
         n_masked = (x_t == self.mask_id).sum().clamp(min=1)
         metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=bound.detach(), bpt=bound.detach() / math.log(2))
         return logits, loss, metrics
+
+    def distill_loss(self, teacher, x0, steps):
+        """SDTT (sampling.sdtt_loss) for distill.py: the student (self) learns to take in one step from t the
+        teacher's two steps of 1/steps, at t drawn per sequence on the student's grid {2j / steps}."""
+        j = torch.randint(1, steps // 2 + 1, (x0.shape[0],), device=x0.device)
+        t = 2 * j.double() / steps
+        x_t = self.q_sample(x0, t)
+        return sdtt_loss(self.logits(x_t, t), teacher.logits, x_t, [t, t - 1 / steps, t - 2 / steps], self.alpha,
+                         self.mask_id)
 
     # ---- the bound, for evaluate.py ---------------------------------------------------------------------
     def bound_name(self, T=None):

@@ -7,6 +7,7 @@ Sampling pieces that every model family shares (d3pm.py, mdlm.py, ar.py call the
     threshold_decode       Fast-dLLM-style decoding: commit every position whose draw is likely enough
     remask_decode          ReMDM: the ancestral grid, but a generated token may be masked again and redrawn
     generate_long          any length, semi-autoregressively: each window starts with the previous one's end
+    sdtt_loss              SDTT distillation: a student's one masked-diffusion step against its teacher's two
 
 Draws are float64 throughout: float32 truncates the tail and lowers the effective temperature, which
 flatters generative perplexity.
@@ -229,3 +230,27 @@ def generate_long(sample_fn, prefix, length, window, keep, mask_id, stop_id=None
         if stop_id is not None and (out[:, prefix.shape[1]:] == stop_id).any(dim=1).all():
             break
     return out, calls, starts
+
+
+def sdtt_loss(student_logits, teacher_logits, x_t, times, keep, mask_id, generator=None):
+    """SDTT's loss (Deschenaux & Gulcehre 2024) for an absorbing model: the teacher takes ancestral steps from
+    x_t (B, L) through times = [t, t - dt, t - 2 dt] (each (B,)), a masked position unmasking from t to s w.p.
+    (keep(s) - keep(t)) / (1 - keep(t)) (keep: the clean share alpha) to a draw from the teacher's p(x_0 | .).
+    Each masked position's target is the teacher's log p(x_0 | .) at the step where it unmasked, or the last
+    step's if it is still masked; the loss is the reverse KL(student || target) of student_logits (B, L, K)
+    at x_t, averaged over the masked positions (over the first mask_id classes: the mask logit is -inf)."""
+    masked = x_t == mask_id
+    target = None
+    x = x_t
+    with torch.no_grad():
+        for t, s in zip(times[:-1], times[1:]):
+            log_p = teacher_logits(x, t)[..., :mask_id].float().log_softmax(-1)
+            p_unmask = (keep(s) - keep(t)) / (1 - keep(t))
+            u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+            unmask = (x == mask_id) & (u < p_unmask[:, None].to(x.device))
+            target = log_p if target is None else torch.where(((x == mask_id) & masked)[..., None], log_p, target)
+            x = x.clone()
+            x[unmask] = draw(log_p[unmask], generator)
+    log_q = student_logits[..., :mask_id].float().log_softmax(-1)[masked]
+    kl = (log_q.exp() * (log_q - target[masked])).sum(-1)
+    return kl.mean() if kl.numel() else student_logits.sum() * 0
