@@ -84,8 +84,9 @@ def open_teacher(args, dev):
     return model, method, [(r, start_steps // 2 ** r) for r in range(rounds)]
 
 
-def resume_state(path):
-    """The checkpoint distill.py wrote to path, or None if there is none; a foreign file is a UserError."""
+def resume_state(path, meta, method, plan, args):
+    """The checkpoint distill.py wrote to path for this run (the same teacher, method and iterations per round, its
+    rounds a beginning of this plan's), or None if there is none; anything else there is a UserError."""
     if not os.path.exists(path):
         return None
     try:
@@ -94,6 +95,15 @@ def resume_state(path):
         raise UserError(str(e))
     if "distill" not in ckpt:
         raise UserError(f"{path} exists and was not written by distill.py: choose another --out_dir")
+    mine = dict(model_cls=meta["model_cls"], model_args=meta["model_args"], method=method, plan=[list(p) for p in plan],
+                iters_per_round=args.iters_per_round)
+    theirs = dict(model_cls=ckpt["model_cls"], model_args=ckpt["model_args"], method=ckpt["distill"]["method"],
+                  plan=[list(p) for p in ckpt["distill"]["plan"]], iters_per_round=ckpt["distill"]["iters_per_round"])
+    continues = mine["plan"][:len(theirs["plan"])] == theirs["plan"]  # more rounds continue a run
+    different = [k for k in mine if k != "plan" and mine[k] != theirs[k]] + ([] if continues else ["plan"])
+    if different:
+        raise UserError(f"{path} is another distillation run (its {', '.join(different)} differ): resume it with its "
+                        f"own settings or choose another --out_dir")
     return ckpt
 
 
@@ -122,7 +132,7 @@ def main(argv=None):
     torch.manual_seed(args.seed * 1000 + rank)
     it = 0
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    state = resume_state(ckpt_path)
+    state = resume_state(ckpt_path, meta, method, plan, args)
     if state is not None:
         student.load_state_dict(state["model"])
         teacher.load_state_dict(state["teacher"])
@@ -130,9 +140,12 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         it = state["iter_num"]
         rngs = state["rng"]
-        if len(rngs) == world:
+        if len(rngs) == world:  # one process: the very stream it had (bit-identical)
             torch.set_rng_state(rngs[rank]["torch"])
             rng.bit_generator.state = rngs[rank]["numpy"]
+        else:  # torchrun: fresh streams, not a replay of the first iterations'
+            rng = np.random.default_rng([args.seed, rank, it])
+            torch.manual_seed(args.seed * 1000 + rank + 7919 * it)
         say(f"resuming {ckpt_path} at iteration {it} of {total}")
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -144,7 +157,7 @@ def main(argv=None):
     def save():
         if rank != 0:
             return
-        rngs = [{"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}]  # rank 0's; others reseed
+        rngs = [{"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}]  # kept with one process only
         atomic_save({"model": student.state_dict(), "ema": ema.state_dict(), "teacher": teacher.state_dict(),
                      "optimizer": optimizer.state_dict(), "model_cls": meta["model_cls"],
                      "model_args": meta["model_args"], "training_args": trained, "iter_num": it,
