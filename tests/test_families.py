@@ -236,7 +236,7 @@ def test_every_family_provides_the_protocol(cls_name):
         model.check_length(16)
 
 
-SCRIPTS = ("train", "sample", "evaluate", "bench", "plot")
+SCRIPTS = ("train", "distill", "sample", "evaluate", "bench", "plot")
 
 
 def top_level_imports():
