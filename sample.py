@@ -1,7 +1,8 @@
 """
 Sample from a trained model: the diffusion models start from all-mask sequences and unmask them,
 the autoregressive model writes left to right (prompts only, no infill), the block-diffusion model
-unmasks one block after the other, left to right.
+unmasks one block after the other, left to right, and the uniform-state model (Duo) starts from random
+tokens and may change any of them at every step (--steps N, default the length; --sampler greedy_tail).
 
     python sample.py out/d3pm_text8_cpu/ckpt.pt
     python sample.py rupspace/nanoDD-D3PM-text8 --batch_size 4 --seed 1
