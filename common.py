@@ -173,6 +173,19 @@ def ddp_init(backend):
     torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
 
 
+def start_processes(device, backend=""):
+    """This process's place in a torchrun group, or alone: (ddp, rank, world_size, device), the device picked for
+    its LOCAL_RANK and made current, the process group joined (backend "" picks NCCL on CUDA, gloo on CPU)."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if ddp:
+        ddp_init(backend or ("nccl" if dev.type == "cuda" else "gloo"))
+    return ddp, rank, world_size, dev
+
+
 def comm_buffer(tensor):
     """Register `tensor` as a buffer for collectives (kept alive until the process exits) and return it."""
     _COMM_BUFFERS.append(tensor)

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (EMA, UserError, all_reduce, atomic_save, comm_buffer, ddp_init, ddp_shutdown, default_dataset,
-                    open_model, open_split, pick_device, random_windows)
+from common import (EMA, UserError, all_reduce, atomic_save, comm_buffer, ddp_shutdown, default_dataset, open_model,
+                    open_split, random_windows, start_processes)
 from families import read_checkpoint
 
 DEFAULTS = {"SDTT": dict(start_steps=1024, rounds=7), "DCD": dict(start_steps=512, rounds=5)}
@@ -109,13 +109,7 @@ def resume_state(path, meta, method, plan, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if ddp:
-        ddp_init("nccl" if dev.type == "cuda" else "gloo")
+    ddp, rank, world, dev = start_processes(args.device)
     student, method, plan = open_teacher(args, dev)
     meta = student.checkpoint_meta
     trained = meta.get("training_args", {})

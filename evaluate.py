@@ -27,8 +27,8 @@ import sys
 import numpy as np
 import torch
 
-from common import (UserError, all_gather, check_length, comm_buffer, ddp_init, ddp_shutdown, default_dataset,
-                    open_model, open_split, pick_device, random_windows)
+from common import (UserError, all_gather, check_length, comm_buffer, ddp_shutdown, default_dataset, open_model,
+                    open_split, pick_device, random_windows, start_processes)
 
 
 @torch.no_grad()
@@ -141,13 +141,7 @@ def main(argv=None):
     if args.batch_size < 2:
         raise UserError("--batch_size must be at least 2 (one reconstruction window plus KL windows)")
 
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if ddp:
-        ddp_init("nccl" if dev.type == "cuda" else "gloo")
+    ddp, rank, world_size, dev = start_processes(args.device)
     model = open_model(args.ckpt, args.ema, dev)
     trained = model.checkpoint_meta.get("training_args", {})
     dataset = trained.get("dataset") or default_dataset(model.vocab_size)

@@ -27,7 +27,7 @@ import torch
 
 import configs
 from common import (EMA, UserError, all_gather, all_reduce, atomic_save, check_length, comm_buffer,
-                    dataset_vocab_size, ddp_init, ddp_shutdown, newest_checkpoint, open_split, pick_device)
+                    dataset_vocab_size, ddp_shutdown, newest_checkpoint, open_split, start_processes)
 from families import FAMILIES
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
@@ -384,16 +384,10 @@ def main(argv):
     check_settings(changed)
 
     # devices and processes
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    ddp, rank, world_size, dev = start_processes(device, backend)
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if ddp:
-        ddp_init(backend or ("nccl" if dev.type == "cuda" else "gloo"))
 
     # data; model, EMA, optimizer, possibly from a checkpoint
     train_data, val_data, data_vocab = open_data(ddp)
