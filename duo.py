@@ -154,7 +154,8 @@ class Duo(nn.Module):
 
     def q_sample(self, x0, t, generator=None):
         """z_t ~ q(z_t | x0): each token is replaced w.p. t by a uniformly random token. t: (B,)."""
-        replace = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator) < t[:, None].to(x0.device)
+        u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+        replace = u < t[:, None].to(x0.device)
         noise = torch.randint(0, self.vocab_size, x0.shape, device=x0.device, generator=generator)
         return torch.where(replace, noise, x0)
 
@@ -165,10 +166,11 @@ class Duo(nn.Module):
     # ---- training ----------------------------------------------------------------------------------------------
     def draw_times(self, B, device):
         """t in [t_eps, 1]: antithetic (u + i/B) mod 1 with one u per batch, or i.i.d. uniform."""
-        r = torch.rand((), dtype=torch.float64, device=device) if self.antithetic else \
-            torch.rand(B, dtype=torch.float64, device=device)
         if self.antithetic:
-            r = (r + torch.arange(B, dtype=torch.float64, device=device) / B) % 1
+            u = torch.rand((), dtype=torch.float64, device=device)
+            r = (u + torch.arange(B, dtype=torch.float64, device=device) / B) % 1
+        else:
+            r = torch.rand(B, dtype=torch.float64, device=device)
         return self.t_eps + (1 - self.t_eps) * r
 
     def curriculum_latents(self, x0, t):
