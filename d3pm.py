@@ -98,6 +98,8 @@ class D3PMAbsorbing(nn.Module):
                        bpt=l_T.detach() / math.log(2))
         return logits, loss, metrics
 
+    distill_defaults = ("SDTT", 1024, 7)  # distill.py: the method, its first teacher steps and rounds (SDTT's paper)
+
     def distill_loss(self, teacher, x0, steps):
         """SDTT (sampling.sdtt_loss) for distill.py: the student (self) learns to take in one step from t the
         teacher's two steps of T/steps, at t drawn per sequence on the student's grid {2j T / steps} (rounded)."""

@@ -35,9 +35,6 @@ from common import (EMA, UserError, all_reduce, atomic_save, comm_buffer, ddp_sh
                     open_split, random_windows, start_processes)
 from families import read_checkpoint
 
-DEFAULTS = {"SDTT": dict(start_steps=1024, rounds=7), "DCD": dict(start_steps=512, rounds=5)}
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="the teacher: checkpoint file, run directory or Hugging Face repo id")
@@ -76,9 +73,8 @@ def open_teacher(args, dev):
     model = open_model(args.ckpt, args.teacher_ema, dev)
     if getattr(model, "distill_loss", None) is None:
         raise UserError(f"{args.ckpt}: {type(model).__name__} has no few-step distillation (the D3PM, MDLM and Duo do)")
-    method = "DCD" if type(model).__name__ == "Duo" else "SDTT"
-    start_steps = args.start_steps or DEFAULTS[method]["start_steps"]
-    rounds = args.rounds or DEFAULTS[method]["rounds"]
+    method, start_steps, rounds = model.distill_defaults  # the family's method and its paper's plan
+    start_steps, rounds = args.start_steps or start_steps, args.rounds or rounds
     if start_steps % 2 ** rounds:
         raise UserError(f"--start_steps {start_steps} must be divisible by 2^rounds = {2 ** rounds} (each round halves it)")
     return model, method, [(r, start_steps // 2 ** r) for r in range(rounds)]

@@ -201,6 +201,8 @@ class Duo(nn.Module):
         return logits, loss, dict(bound=loss.detach(), bpt=loss.detach() / math.log(2),
                                   curriculum=torch.tensor(float(curriculum), device=x0.device))
 
+    distill_defaults = ("DCD", 512, 5)  # distill.py: the method, its first teacher steps and rounds (Duo's paper)
+
     def distill_loss(self, teacher, x0, steps):
         """Duo's discrete consistency distillation (DCD) for distill.py: t uniform in [t_eps, 1] moved up by
         delta = 1/steps (at most 1), s = t - delta; one shared eps gives Gaussian latents at the gammas where

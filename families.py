@@ -31,6 +31,9 @@ arguments (its `model_args`, stored in every checkpoint), with:
                       do (an option, infilling) is a ValueError, which the scripts print as one line.
 Optionally:
     check_length(L)   raise ValueError when windows of L tokens do not fit the model (block diffusion)
+    distill_loss(teacher, x0, steps) -> loss, and distill_defaults = (method name, teacher steps, rounds)
+                      few-step distillation for distill.py: the loss of the student (self) learning in one step
+                      what teacher (a frozen copy) does in two steps of 1/steps
     start_iteration(iter_num)  called by train.py before every optimizer step (an objective that changes during
                       training: duo.py's curriculum)
     any_length = True sample() writes any number of tokens itself, given opts window (the training length)

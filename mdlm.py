@@ -123,6 +123,8 @@ class MDLM(nn.Module):
         metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=bound.detach(), bpt=bound.detach() / math.log(2))
         return logits, loss, metrics
 
+    distill_defaults = ("SDTT", 1024, 7)  # distill.py: the method, its first teacher steps and rounds (SDTT's paper)
+
     def distill_loss(self, teacher, x0, steps):
         """SDTT (sampling.sdtt_loss) for distill.py: the student (self) learns to take in one step from t the
         teacher's two steps of 1/steps, at t drawn per sequence on the student's grid {2j / steps}."""
