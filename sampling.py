@@ -248,7 +248,7 @@ def sdtt_loss(student_logits, teacher_logits, x_t, times, keep, mask_id, generat
             p_unmask = (keep(s) - keep(t)) / (1 - keep(t))
             u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
             unmask = (x == mask_id) & (u < p_unmask[:, None].to(x.device))
-            target = log_p if target is None else torch.where(((x == mask_id) & masked)[..., None], log_p, target)
+            target = log_p if target is None else torch.where((x == mask_id)[..., None], log_p, target)
             x = x.clone()
             x[unmask] = draw(log_p[unmask], generator)
     log_q = student_logits[..., :mask_id].float().log_softmax(-1)[masked]
