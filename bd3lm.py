@@ -56,9 +56,9 @@ class BD3LM(MDLM):
     distill_loss = None  # MDLM's SDTT distils a whole window, not blocks: distill.py refuses
 
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, block_size=4, schedule="linear",
-                 antithetic=True, t_eps=1e-3, t_min=0.0, t_max=1.0):
+                 antithetic=True, t_eps=1e-3, t_min=0.0, t_max=1.0, tied_output=True):
         super().__init__(vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, schedule=schedule,
-                         time_conditioning=False, antithetic=antithetic, t_eps=t_eps)
+                         time_conditioning=False, antithetic=antithetic, t_eps=t_eps, tied_output=tied_output)
         if block_size < 1 or not 0 <= t_min < t_max <= 1:
             raise ValueError(f"need block_size >= 1 and 0 <= t_min < t_max <= 1 (got {block_size}, {t_min}, {t_max})")
         self.block_size, self.t_min, self.t_max = block_size, t_min, t_max

@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 import configs
-from common import UserError, load_codec, open_split, pick_device
-from families import load_checkpoint
+from common import UserError, load_codec, open_model, open_split, pick_device
 
 CONFIG_NAMES = configs.NAMES
 
@@ -116,7 +115,7 @@ def build(config, dev):
     if vocab_size:
         model_args["vocab_size"] = vocab_size
     if ckpt:
-        model = load_checkpoint(ckpt, map_location=dev)
+        model = open_model(ckpt, True, dev)
         model_args = model.checkpoint_meta["model_args"]
     else:
         torch.manual_seed(seed)
@@ -317,7 +316,7 @@ def bench_quality(config, dev):
     from judge import load_judge, quality
     if not ckpt or not judge:
         raise UserError("--mode=quality needs --ckpt=GENERATOR and --judge=JUDGE (and --data_dir for the reference)")
-    model = load_checkpoint(ckpt, map_location=dev)
+    model = open_model(ckpt, True, dev)
     trained = model.checkpoint_meta.get("training_args", {})
     L = seq_len or trained.get("seq_len", 256)
     codec = load_codec(model.vocab_size, trained.get("dataset", ""), data_dir or None)

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from convert import is_published, load_published
 from families import load_checkpoint, read_checkpoint
 
 
@@ -63,8 +64,9 @@ def random_windows(data, batch_size, seq_len, vocab_size, rng, dev):
 
 
 def default_dataset(vocab_size):
-    """The dataset a vocabulary size implies: 27 -> text8, 50257 -> openwebtext, else ''."""
-    return {27: "text8", 50257: "openwebtext"}.get(vocab_size, "")
+    """The dataset a vocabulary size implies: 27 -> text8, 50257 -> openwebtext (50258: Duo's published GPT-2
+    vocabulary with a [PAD] id), else ''."""
+    return {27: "text8", 50257: "openwebtext", 50258: "openwebtext"}.get(vocab_size, "")
 
 
 # ---- text <-> ids -----------------------------------------------------------------------------------
@@ -107,6 +109,8 @@ class Codec:
             return out.replace(" ", "_") if view else out
         out, run = [], []
         for i in list(ids) + [None]:
+            if i is not None and i != self.mask_id and i >= self.bpe.n_vocab:
+                continue  # an id the BPE lacks: Duo's [PAD] state (50257), never data, shows as nothing
             if i is None or i == self.mask_id:
                 if run:
                     out.append(self.bpe.decode(run))
@@ -133,7 +137,7 @@ def load_codec(vocab_size, dataset, data_dir=None):
         return Codec(vocab_size, bpe=tiktoken.Encoding(**meta["tiktoken"]))
     if vocab_size == 27:
         return Codec(vocab_size, itos={i: c for i, c in enumerate(" abcdefghijklmnopqrstuvwxyz")})
-    if vocab_size == 50257:
+    if vocab_size in (50257, 50258):
         import tiktoken
         try:
             gpt2 = tiktoken.get_encoding("gpt2")
@@ -339,9 +343,31 @@ def resolve_checkpoint(spec):
                         f"({type(e).__name__}); download ckpt.pt yourself and pass its path")
 
 
-def open_model(spec, ema, dev):
-    """load_checkpoint(resolve_checkpoint(spec)) with one-line errors."""
+def download_published(repo_id):
+    """The hub-cache directory of a published repo's config.json and weights (convert.py); offline, a cached copy."""
+    from huggingface_hub import hf_hub_download
+    online = hub_online()
     try:
+        config = hf_hub_download(repo_id=repo_id, filename="config.json", local_files_only=not online)
+    except Exception as e:
+        raise UserError(f"{repo_id} could not be downloaded from the Hugging Face hub ({'online' if online else 'offline'}"
+                        f", {type(e).__name__}): run once with network access, or pass a local copy of the repo "
+                        f"(config.json and model.safetensors)")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            hf_hub_download(repo_id=repo_id, filename=name, local_files_only=not online)
+            return os.path.dirname(config)
+        except Exception:
+            continue
+    raise UserError(f"{repo_id}: neither model.safetensors nor pytorch_model.bin could be downloaded")
+
+
+def open_model(spec, ema, dev):
+    """load_checkpoint(resolve_checkpoint(spec)) with one-line errors; a paper's published checkpoint (an id of
+    convert.PUBLISHED or a local copy of its repo) through convert.py (its weights are the EMA's already)."""
+    try:
+        if is_published(spec):
+            return load_published(spec if os.path.isdir(spec) else download_published(spec), spec, dev)
         return load_checkpoint(resolve_checkpoint(spec), ema=ema, map_location=dev)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e))

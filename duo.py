@@ -134,14 +134,17 @@ def gaussian_latents(x0, gamma, V, eps):
 # ---- the model ---------------------------------------------------------------------------------------------
 class Duo(nn.Module):
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, antithetic=True, t_eps=1e-3,
-                 curriculum_iters=0, gamma_min=-3.55, gamma_max=-1.85, tau=1e-3):
+                 curriculum_iters=0, gamma_min=-3.55, gamma_max=-1.85, tau=1e-3, time_input="1000t", tied_output=True):
         super().__init__()
         self.vocab_size = vocab_size
         self.mask_id = vocab_size  # not a token: "generate this position" in sample()'s input
         self.antithetic, self.t_eps = antithetic, t_eps
         self.curriculum_iters, self.gamma_min, self.gamma_max, self.tau = curriculum_iters, gamma_min, gamma_max, tau
         self.in_curriculum = False  # set by start_iteration (train.py); never in evaluation
-        self.net = DiT(vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout)
+        if time_input not in ("1000t", "sigma"):
+            raise ValueError(f"time_input must be 1000t or sigma, not {time_input!r}")
+        self.time_input = time_input
+        self.net = DiT(vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, tied_output=tied_output)
 
     def alpha(self, t):
         """P(token still clean at time t) = 1 - t, float64."""
@@ -149,7 +152,10 @@ class Duo(nn.Module):
 
     def logits(self, z_t, t):
         """Logits (B, L, V) of x_theta. z_t: (B, L) ids, or (B, L, V) probability vectors (the soft input);
-        t: (B,) in [0, 1]."""
+        t: (B,) in [0, 1]. The network reads 1000 t, or with time_input="sigma" (Duo's published weights)
+        sigma = -log alpha(t), with alpha clamped at 1e-3 (their alpha(1))."""
+        if self.time_input == "sigma":
+            return self.net(z_t, -torch.log(self.alpha(t).clamp(min=1e-3)).float())
         return self.net(z_t, 1000 * t.float())
 
     def q_sample(self, x0, t, generator=None):

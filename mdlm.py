@@ -40,7 +40,8 @@ from sampling import confidence_decode, draw, remask_decode, sdtt_loss, threshol
 
 class MDLM(nn.Module):
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, schedule="linear",
-                 time_conditioning=False, antithetic=True, t_eps=1e-3, loss_weighting="elbo"):
+                 time_conditioning=False, antithetic=True, t_eps=1e-3, loss_weighting="elbo",
+                 tied_output=True):
         super().__init__()
         if schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be linear or cosine, not {schedule!r}")
@@ -51,7 +52,7 @@ class MDLM(nn.Module):
         self.mask_id = vocab_size
         self.schedule, self.time_conditioning = schedule, time_conditioning
         self.antithetic, self.t_eps = antithetic, t_eps
-        self.net = DiT(vocab_size + 1, n_embed, n_heads, n_blocks, n_cond, dropout)
+        self.net = DiT(vocab_size + 1, n_embed, n_heads, n_blocks, n_cond, dropout, tied_output=tied_output)
 
     # ---- schedule -----------------------------------------------------------------------------------
     def alpha(self, t):

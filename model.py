@@ -9,6 +9,7 @@ The Diffusion Transformer (DiT) that predicts clean tokens from a partly masked 
         h = h + gate_msa * Attn(modulate(LN(h), shift_msa, scale_msa))   (non-causal, rotary q/k)
         h = h + gate_mlp * MLP(modulate(LN(h), shift_mlp, scale_mlp))
     logits = modulate(LN(h), shift, scale) @ vocab_embed.T   (B, L, K), tied weights
+             (tied_output=False: an untied Linear with a bias instead, as MDLM, BD3-LM and Duo publish)
 
 CrossEntropy (at the end) is the memory-lean per-token loss every family uses.
 
@@ -159,7 +160,7 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Maps (x_t, t) to K = vocab_size + 1 logits per position (the last id is the mask)."""
 
-    def __init__(self, n_classes, n_embed, n_heads, n_blocks, n_cond, dropout, causal=False):
+    def __init__(self, n_classes, n_embed, n_heads, n_blocks, n_cond, dropout, causal=False, tied_output=True):
         super().__init__()
         assert n_embed % n_heads == 0, "n_embed must be divisible by n_heads"
         self.vocab_embed = nn.Embedding(n_classes, n_embed)
@@ -172,6 +173,7 @@ class DiT(nn.Module):
         self.adaLN_modulation = nn.Linear(n_cond, 2 * n_embed)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
+        self.output = None if tied_output else nn.Linear(n_embed, n_classes)
         self.bf16 = True  # bfloat16 autocast on CUDA (set False for float32/TF32)
 
     def forward(self, x, t, mask=None, positions=None, cache=None, store=True, outputs=None):
@@ -194,7 +196,7 @@ class DiT(nn.Module):
                 h = h[:, outputs]
             shift, scale = self.adaLN_modulation(cond)[:, None, :].chunk(2, dim=-1)
             h = modulate(self.norm_final(h), shift, scale)
-            logits = h @ self.vocab_embed.weight.t()
+            logits = h @ self.vocab_embed.weight.t() if self.output is None else self.output(h)
         return logits.float()
 
 

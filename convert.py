@@ -1,0 +1,205 @@
+"""
+The papers' published checkpoints, loaded into this repo's classes (sample.py, evaluate.py and bench.py take
+their Hugging Face ids, or a local copy of the repo, wherever they take a checkpoint):
+
+    kuleshov-group/mdlm-owt                       MDLM   (Sahoo et al. 2024)
+    kuleshov-group/bd3lm-owt-block_size{4,8,16}   BD3LM  (Arriola et al. 2025)
+    s-sahoo/duo, s-sahoo/duo-distilled            Duo    (Sahoo et al. 2025; the distilled one by DCD)
+
+Each repo holds config.json and model.safetensors (or pytorch_model.bin): the state dict of a `backbone`, the
+DiT of MDLM's code base, which differs from nanoDD's (model.py) only in names and in its output layer, an
+untied Linear with a bias (model.py's tied_output=False). The names map by prefix (LAYOUT), in order:
+
+    backbone.vocab_embed.embedding            -> net.vocab_embed.weight
+    backbone.sigma_map.                       -> net.c_embed.           (the time embedding)
+    backbone.output_layer.linear.             -> net.output.
+    backbone.output_layer.norm_final.         -> net.norm_final.
+    backbone.output_layer.adaLN_modulation.   -> net.adaLN_modulation.
+    backbone.                                 -> net.                   (blocks.i.*, rotary_emb.inv_freq)
+
+The settings come from config.json ("model_type" picks the family): the vocabulary (MDLM and BD3-LM: GPT-2's
+50257 tokens plus the mask, last; Duo: 50258 states, GPT-2's tokens plus a [PAD] id that is never data),
+the sizes, the length ("model_length"), BD3-LM's block size and its clipped training range of t (the buffers
+sampling_eps_min / max, which become t_min / t_max). MDLM and BD3-LM run without time conditioning (the
+network reads t = 0); Duo's network reads sigma = -log alpha_t (duo.py time_input="sigma"). Loading is
+strict: a missing, unexpected or misshapen tensor is a one-line error naming it.
+"""
+import json
+import os
+
+import torch
+
+from bd3lm import BD3LM
+from duo import Duo
+from mdlm import MDLM
+
+PUBLISHED = {  # Hugging Face id -> family; any repo with a config.json of these model types loads the same way
+    "kuleshov-group/mdlm-owt": "MDLM",
+    "kuleshov-group/bd3lm-owt-block_size4": "BD3LM",
+    "kuleshov-group/bd3lm-owt-block_size8": "BD3LM",
+    "kuleshov-group/bd3lm-owt-block_size16": "BD3LM",
+    "s-sahoo/duo": "Duo",
+    "s-sahoo/duo-distilled": "Duo",
+}
+
+LAYOUT = [("backbone.vocab_embed.embedding", "net.vocab_embed.weight"),
+          ("backbone.sigma_map.", "net.c_embed."),
+          ("backbone.output_layer.linear.", "net.output."),
+          ("backbone.output_layer.norm_final.", "net.norm_final."),
+          ("backbone.output_layer.adaLN_modulation.", "net.adaLN_modulation."),
+          ("backbone.", "net.")]
+OPTIONAL = ("net.rotary_emb.inv_freq",)  # a persistent buffer: a file may or may not carry it
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The tensors of a .safetensors file: an 8-byte little-endian header length n, n bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets into the bytes after the header), the bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())  # the tensors are views of it (a little-endian machine)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else \
+            torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(info["shape"])
+    return out
+
+
+def our_name(key):
+    """The state-dict name in this repo of a published key (None: not a backbone key)."""
+    for theirs, ours in LAYOUT:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return None
+
+
+def their_name(key):
+    """The published name of one of our state-dict keys."""
+    for theirs, ours in LAYOUT:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def require(config, keys, source):
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{source}: config.json lacks {', '.join(missing)}")
+    return [config[k] for k in keys]
+
+
+def sizes(config, source):
+    """The DiT sizes every layout shares, as model args."""
+    n, c, blocks, heads, dropout = require(config, ("hidden_dim", "cond_dim", "n_blocks", "n_heads", "dropout"), source)
+    return dict(n_embed=n, n_heads=heads, n_blocks=blocks, n_cond=c, dropout=dropout, tied_output=False)
+
+
+def refuse(config, source, **expected):
+    """A one-line error if a config setting is not the one our class reproduces."""
+    for key, value in expected.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"{source}: {key}={config[key]!r} is not supported (this repo loads {key}={value!r})")
+
+
+def mdlm_args(config, state, source):
+    refuse(config, source, time_conditioning=False)
+    (V,) = require(config, ("vocab_size",), source)
+    return MDLM, dict(vocab_size=V - 1, **sizes(config, source), schedule="linear", time_conditioning=False)
+
+
+def bd3lm_args(config, state, source):
+    refuse(config, source, time_conditioning=False, cross_attn=True, adaln=True, causal=False)
+    V, block_size = require(config, ("vocab_size", "block_size"), source)
+    t_min = float(state.pop("sampling_eps_min", 0.0))
+    t_max = float(state.pop("sampling_eps_max", 1.0))
+    return BD3LM, dict(vocab_size=V - 1, **sizes(config, source), block_size=block_size, t_min=t_min, t_max=t_max)
+
+
+def duo_args(config, state, source):
+    refuse(config, source, causal=False)
+    (V,) = require(config, ("vocab_size",), source)
+    return Duo, dict(vocab_size=V, **sizes(config, source), time_input="sigma")
+
+
+FAMILY_ARGS = {"mdlm": mdlm_args, "bd3lm": bd3lm_args, "duo": duo_args}  # config.json model_type (any case)
+
+
+def convert(config, state, source):
+    """(model, training_args) from a published config dict and state dict; ValueError (one line) if they do
+    not fit: an unknown model type, a missing setting, or a missing, unexpected or misshapen tensor."""
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type not in FAMILY_ARGS:
+        raise ValueError(f"{source}: unknown model_type {config.get('model_type')!r} in config.json "
+                         f"(known: {', '.join(FAMILY_ARGS)})")
+    state = dict(state)
+    cls, args = FAMILY_ARGS[model_type](config, state, source)
+    try:
+        model = cls(**args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+    ours = model.state_dict()
+    loaded = {}
+    for key, value in state.items():
+        name = our_name(key)
+        if name not in ours:
+            raise ValueError(f"{source}: unexpected tensor {key} (not in the {cls.__name__} layout)")
+        if tuple(value.shape) != tuple(ours[name].shape):
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(ours[name].shape)} "
+                             f"from config.json")
+        loaded[name] = value.float()
+    missing = [k for k in ours if k not in loaded and k not in OPTIONAL]
+    if missing:
+        raise ValueError(f"{source}: missing tensor {their_name(missing[0])}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    for name in OPTIONAL:
+        if name in loaded and not torch.allclose(loaded[name], ours[name]):
+            raise ValueError(f"{source}: {their_name(name)} differs from the rotary frequencies this repo computes")
+    model.load_state_dict({**ours, **loaded}, strict=True)
+    training_args = {"seq_len": int(config.get("model_length", 1024)), "published": source}
+    return model, args, training_args
+
+
+def read_published(directory, source):
+    """(config dict, state dict) of a local copy of a published repo."""
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{source}: config.json is not JSON ({e})") from None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            try:
+                if name.endswith(".safetensors"):
+                    return config, read_safetensors(path)
+                return config, torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{source}: {name} is not readable ({type(e).__name__}); delete it and download "
+                                 f"it again") from None
+    raise ValueError(f"{source}: neither model.safetensors nor pytorch_model.bin in {directory}")
+
+
+def is_published(spec):
+    """A known published id, or a directory that holds a config.json and no ckpt.pt of ours."""
+    if os.path.isdir(spec):
+        return os.path.exists(os.path.join(spec, "config.json")) and not os.path.exists(os.path.join(spec, "ckpt.pt"))
+    return spec in PUBLISHED
+
+
+def load_published(directory, source, map_location="cpu"):
+    """The model of a local copy of a published repo (source: its id or path, for messages), in eval mode; its
+    settings on model.checkpoint_meta as for a checkpoint of ours (model_cls, model_args, training_args)."""
+    config, state = read_published(directory, source)
+    model, args, training_args = convert(config, state, source)
+    model.checkpoint_meta = {"model_cls": type(model).__name__, "model_args": args, "training_args": training_args}
+    return model.to(map_location).eval()
