@@ -3,10 +3,11 @@ The judge: scores generated samples with a fixed autoregressive model, for sampl
 
     judge = load_judge("gpt2-large", device="cuda")           # GPT-2 (downloaded once from the HF hub)
     judge = load_judge("out/ar_text8/ckpt.pt")                # or an autoregressive checkpoint of this repo
-    score_samples(judge, texts)   -> {gen_bpt, gen_ppl, tokens, nll_nats, samples}
+    score_samples(judge, texts)   -> {gen_bpt, gen_ppl, tokens, nll_nats, samples, protocol}
     unigram_entropy_bits(ids)     -> mean per-sample unigram entropy, bits
     in_vocab(texts, train_words(data_dir)) -> share of generated words seen in the training split
     quality(texts, ids, judge, data_dir)   -> all of the above at once (evaluate.py --samples, bench.py)
+    score_samples(judge, texts, protocol="mdlm")  -> gen_ppl as MDLM / Duo compute it (mdlm_token_nlls)
 
 A judge reads a start token followed by the sample: the first token is predicted from the start token
 alone, every token is scored exactly once. A sample longer than the judge's context C (the longest input
@@ -14,6 +15,11 @@ it reads, start token included) is scored in sliding windows of C tokens moved b
 so every token after the first window is predicted from at least C/2 tokens of context. Windows after the
 first do not begin with the start token (GPT-2 was trained on such windows; an AR checkpoint of this
 repo never was, so its scores of samples longer than its training length are slightly pessimistic).
+
+That is protocol "pooled", the default. Protocol "mdlm" is generative perplexity as MDLM and Duo compute
+it (see mdlm_token_nlls): no start token, the sample truncated to max_length (default the judge's context)
+and cut into chunks of C tokens whose first token is only context, every token counted except the EOS after
+a chunk's first, pooled over all counted tokens.
 
 The GPT-2 here is our own small module with the parameter names of the OpenAI / Hugging Face state dict.
 """
@@ -196,6 +202,11 @@ class Judge:
     def encode(self, text):
         raise NotImplementedError
 
+    @property
+    def eos_id(self):
+        """The end-of-text id of the mdlm rule: the start token (GPT-2's <|endoftext|>)."""
+        return self.start_id
+
     def nll(self, ids):
         """(total nats, tokens scored) of one sample's token ids."""
         nats = token_nlls(self, [ids])[0]
@@ -212,6 +223,15 @@ class ARJudge(Judge):
 
     def logits(self, x):
         return self.model.logits(x)
+
+    @property
+    def eos_id(self):
+        """<|endoftext|> for a BPE codec. Else the start id (mask_id): a character corpus has no end-of-text, so
+        under the mdlm rule EOS is only the padding, which this judge cannot predict and never counts."""
+        bpe = self.codec.bpe if self.codec is not None else None
+        if bpe is not None and "<|endoftext|>" in bpe.special_tokens_set:
+            return bpe.eot_token
+        return self.start_id
 
     def encode(self, text):
         if self.codec is None:
@@ -285,48 +305,115 @@ def windows(n, context):
     return out
 
 
+PROTOCOLS = ("pooled", "mdlm")  # score_samples' rules: this repo's (token_nlls), MDLM / Duo's (mdlm_token_nlls)
+
+
+def checked_ids(judge, ids):
+    """A sample's token ids as a list of ints, or a one-line UserError if one is outside the judge's vocabulary."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+    if ids and (min(ids) < 0 or max(ids) >= judge.vocab_size):
+        raise UserError(f"token id {max(ids) if max(ids) >= judge.vocab_size else min(ids)} is outside judge "
+                        f"{judge.name}'s vocabulary (0..{judge.vocab_size - 1}): score texts, not ids")
+    return ids
+
+
 @torch.no_grad()
-def token_nlls(judge, samples, batch_tokens=4096):
-    """Per-token negative log-likelihoods (nats, float64 numpy arrays), one array per sample of token ids.
-    The windows of all samples are sorted by length and batched (at most batch_tokens input tokens per
-    network call, right-padded: causal attention keeps the padding out of every scored position)."""
-    seqs = []
-    for ids in samples:
-        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
-        if ids and (min(ids) < 0 or max(ids) >= judge.vocab_size):
-            raise UserError(f"token id {max(ids) if max(ids) >= judge.vocab_size else min(ids)} is outside judge "
-                            f"{judge.name}'s vocabulary (0..{judge.vocab_size - 1}): score texts, not ids")
-        seqs.append(torch.tensor([judge.start_id] + ids, dtype=torch.long))
-    out = [np.zeros(len(s) - 1) for s in seqs]
-    jobs = sorted(((b - a, j, a, b, t) for j, s in enumerate(seqs) if len(s) > 1
-                   for a, b, t in windows(len(s) - 1, judge.context)), reverse=True)
-    i = 0
+def batched_nlls(judge, jobs, batch_tokens):
+    """jobs: (inp, tgt) pairs of equal-length id tensors (at most judge.context long), longest first: tgt[i] is
+    the token predicted at inp[i], -100 where nothing is scored. -> one float64 numpy array of NLLs (nats; 0
+    where not scored) per job. At most batch_tokens input tokens per network call, right-padded with the start
+    token: causal attention keeps the padding out of every scored position."""
+    out, i = [], 0
     while i < len(jobs):
-        L = jobs[i][0]
+        L = len(jobs[i][0])
         batch, i = jobs[i:i + max(1, batch_tokens // L)], i + max(1, batch_tokens // L)
         inp = torch.full((len(batch), L), judge.start_id, dtype=torch.long)
         tgt = torch.full((len(batch), L), -100, dtype=torch.long)
-        for r, (_, j, a, b, t) in enumerate(batch):
-            inp[r, :b - a] = seqs[j][a:b]
-            tgt[r, t - a:b - a] = seqs[j][t + 1:b + 1]
+        for r, (x, y) in enumerate(batch):
+            inp[r, :len(x)], tgt[r, :len(y)] = x, y
         logits = judge.logits(inp.to(judge.device))
         nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten().to(judge.device), reduction="none",
                               ignore_index=-100).view(len(batch), L).double().cpu()
-        for r, (_, j, a, b, t) in enumerate(batch):
-            out[j][t:b] = nll[r, t - a:b - a].numpy()
+        out += [nll[r, :len(x)].numpy() for r, (x, _) in enumerate(batch)]
     return out
 
 
-def score_samples(judge, samples, batch_tokens=4096):
-    """Score samples (texts, encoded with the judge's tokenizer, or token ids in the judge's vocabulary),
-    pooled over all of them: gen_bpt (bits per token), gen_ppl = exp(nats per token), tokens, nll_nats."""
+def token_nlls(judge, samples, batch_tokens=4096):
+    """The pooled rule: per-token negative log-likelihoods (nats, float64 numpy arrays), one array per sample
+    of token ids, every token scored once after the start token, long samples in windows(). The windows of all
+    samples are sorted by length and batched (batched_nlls)."""
+    seqs = [torch.tensor([judge.start_id] + checked_ids(judge, ids), dtype=torch.long) for ids in samples]
+    out = [np.zeros(len(s) - 1) for s in seqs]
+    wins = sorted(((b - a, j, a, b, t) for j, s in enumerate(seqs) if len(s) > 1
+                   for a, b, t in windows(len(s) - 1, judge.context)), reverse=True)
+    jobs = []
+    for L, j, a, b, t in wins:
+        tgt = torch.full((L,), -100, dtype=torch.long)
+        tgt[t - a:] = seqs[j][t + 1:b + 1]
+        jobs.append((seqs[j][a:b], tgt))
+    for (_, j, a, b, t), nll in zip(wins, batched_nlls(judge, jobs, batch_tokens)):
+        out[j][t:b] = nll[t - a:]
+    return out
+
+
+def mdlm_token_nlls(judge, samples, batch_tokens=4096, max_length=None):
+    """The mdlm rule, generative perplexity as MDLM and Duo compute it: per-token NLLs (nats, float64 numpy),
+    one array per sample of token ids, of the tokens it counts, in order. No start token (GPT-2's tokenizer
+    adds none). Each sample is truncated to max_length tokens (default: the judge's context C), right-padded
+    with EOS (judge.eos_id) to the longest sample, and cut into chunks of C tokens; a chunk's first token is
+    only context. A later token counts if it is not EOS or it is the chunk's first EOS ((cumsum(x == eos) ==
+    1) | (x != eos)): every non-EOS token, also after an EOS (despite MDLM's comment that text after the first
+    EOS is discarded), and of the EOS tokens, padding included, only each chunk's first (none where the chunk
+    begins with EOS, as samples of a BOS-framed model do); only where the judge can predict EOS.
+
+    Read in kuleshov-group/mdlm diffusion.py (eval_retokenize, compute_generative_perplexity) and s-sahoo/duo
+    metrics.py (record_generative_perplexity): the same rule, max_length = the generator's length. BD3-LM's
+    metrics.py differs (sliding windows of 1024 by 512, no EOS counted) and is not offered. Not reproduced:
+    they pad per sampling batch (score each batch and pool nll_nats / tokens to match), drop samples beyond a
+    multiple of 8 and accumulate in float32."""
+    eos, C = judge.eos_id, judge.context
+    if max_length is not None and max_length < 1:
+        raise UserError(f"max_length must be at least 1, got {max_length}")
+    rows = [checked_ids(judge, ids)[:int(max_length or C)] for ids in samples]
+    n = max(map(len, rows), default=0)
+    chunks = []  # (length, sample, start, inp, counted), counted[k] for inp[k + 1]
+    for j, row in enumerate(rows):
+        row = torch.tensor(row + [eos] * (n - len(row)), dtype=torch.long)
+        for c in range(0, n, C):
+            x = row[c:c + C]
+            first_eos = ((x == eos).cumsum(0) == 1) & (eos < judge.vocab_size)
+            chunks.append((len(x), j, c, x, ((x != eos) | first_eos)[1:]))
+    chunks.sort(key=lambda ch: (ch[0], ch[1], ch[2]), reverse=True)
+    jobs = []
+    for _, _, _, x, counted in chunks:
+        tgt = torch.full((len(x),), -100, dtype=torch.long)
+        tgt[:-1] = torch.where(counted, x[1:], -100)
+        jobs.append((x, tgt))
+    parts = {(j, c): nll[:-1][counted.numpy()]
+             for (_, j, c, _, counted), nll in zip(chunks, batched_nlls(judge, jobs, batch_tokens))}
+    return [np.concatenate([parts[j, c] for c in range(0, n, C)] or [np.zeros(0)]) for j in range(len(rows))]
+
+
+def score_samples(judge, samples, batch_tokens=4096, protocol="pooled", max_length=None):
+    """Score samples (texts, encoded with the judge's tokenizer, or token ids in the judge's vocabulary) by
+    the rule `protocol` (PROTOCOLS): "pooled", this repo's (token_nlls), or "mdlm", MDLM / Duo's
+    (mdlm_token_nlls; max_length its truncation, default the judge's context). Either way the mean is pooled
+    over all scored tokens of all samples: gen_bpt (bits per token), gen_ppl = exp(nats per token), tokens,
+    nll_nats, samples, protocol."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+    if max_length is not None and protocol != "mdlm":
+        raise UserError(f"max_length is the mdlm rule's truncation; protocol {protocol!r} scores every token")
     ids = [judge.encode(s) if isinstance(s, str) else s for s in samples]
-    nats = token_nlls(judge, ids, batch_tokens)
+    if protocol == "mdlm":
+        nats = mdlm_token_nlls(judge, ids, batch_tokens, max_length)
+    else:
+        nats = token_nlls(judge, ids, batch_tokens)
     total, tokens = float(sum(n.sum() for n in nats)), sum(len(n) for n in nats)
     if tokens == 0:
         raise UserError("no tokens to score: every sample is empty")
     return dict(gen_bpt=total / tokens / math.log(2), gen_ppl=math.exp(total / tokens), tokens=tokens,
-                nll_nats=total, samples=len(ids))
+                nll_nats=total, samples=len(ids), protocol=protocol)
 
 
 # ---- diversity and words ----------------------------------------------------------------------------
@@ -408,12 +495,12 @@ def in_vocab(texts, words):
     return found / total if total else float("nan")
 
 
-def quality(texts, ids, judge, data_dir=None):
+def quality(texts, ids, judge, data_dir=None, protocol="pooled", max_length=None):
     """Sample quality under a judge (judge.py): gen_ppl and gen_bpt pooled over all scored tokens (the
-    texts, in the judge's tokens), the mean unigram entropy (bits) of each sample's own tokens (ids if
-    given, else the judge's), and for a character corpus (data_dir with itos) in_vocab, the share of
-    generated words that occur in its training split."""
-    result = score_samples(judge, texts)
+    texts, in the judge's tokens) by the rule `protocol` (score_samples), the mean unigram entropy (bits) of
+    each sample's own tokens (ids if given, else the judge's), and for a character corpus (data_dir with
+    itos) in_vocab, the share of generated words that occur in its training split."""
+    result = score_samples(judge, texts, protocol=protocol, max_length=max_length)
     result["entropy"] = unigram_entropy_bits(ids if ids is not None else [judge.encode(t) for t in texts])
     if data_dir and os.path.exists(os.path.join(data_dir, "meta.pkl")):
         try:
