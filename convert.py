@@ -145,25 +145,26 @@ def convert(config, state, source):
     cls, args = FAMILY_ARGS[model_type](config, state, source)
     try:
         model = cls(**args)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{source}: {e}") from None
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ValueError(f"{source}: config.json: {e}") from None
     ours = model.state_dict()
     loaded = {}
     for key, value in state.items():
         name = our_name(key)
-        if name not in ours:
+        if name not in ours or their_name(name) != key:  # e.g. backbone.output.weight is not a published name
             raise ValueError(f"{source}: unexpected tensor {key} (not in the {cls.__name__} layout)")
         if tuple(value.shape) != tuple(ours[name].shape):
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(ours[name].shape)} "
                              f"from config.json")
+        if name in OPTIONAL:  # a buffer we compute ourselves: it must agree (in the file's precision)
+            if not torch.allclose(value.float(), ours[name].to(value.dtype).float(), rtol=1e-5, atol=0):
+                raise ValueError(f"{source}: {key} differs from the rotary frequencies this repo computes")
+            continue
         loaded[name] = value.float()
     missing = [k for k in ours if k not in loaded and k not in OPTIONAL]
     if missing:
         raise ValueError(f"{source}: missing tensor {their_name(missing[0])}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    for name in OPTIONAL:
-        if name in loaded and not torch.allclose(loaded[name], ours[name]):
-            raise ValueError(f"{source}: {their_name(name)} differs from the rotary frequencies this repo computes")
     model.load_state_dict({**ours, **loaded}, strict=True)
     training_args = {"seq_len": int(config.get("model_length", 1024)), "published": source}
     return model, args, training_args
@@ -176,6 +177,8 @@ def read_published(directory, source):
             config = json.load(f)
         except ValueError as e:
             raise ValueError(f"{source}: config.json is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: config.json is not a JSON object")
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(directory, name)
         if os.path.exists(path):
