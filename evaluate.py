@@ -14,9 +14,17 @@ Each batch holds B random windows of the split and gives one unbiased estimate o
 model file). Batches are i.i.d. replicates, so the standard error is the spread of the per-batch
 estimates / sqrt(batches). Sampling stops when the standard error drops below --target_se.
 
+With --zero_shot ptb,wikitext103,... it scores the papers' zero-shot suite instead (zeroshot.py: their datasets,
+detokenizers and wrapping into windows of the model's length, each framed by BOS/EOS): one pass over all
+windows of each dataset, in shuffled batches, printed as a table of bits/token and perplexity with 95% intervals.
+The interval comes from the spread of the batch estimates, so it covers the Monte-Carlo error of the bound and
+the variation between windows (it is conservative for the fixed test set). Every token of a window is scored,
+BOS and EOS included, as MDLM's evaluation does (BD3-LM's skips the first token).
+
 With --samples FILE --judge JUDGE it scores generated text instead (judge.py): generative perplexity
-and bits/token under an autoregressive judge (pooled over all tokens), the mean unigram entropy of each
-sample, and for character corpora the share of generated words found in the training split.
+and bits/token under an autoregressive judge (pooled over all tokens by default; --protocol mdlm: the
+papers' rule), the mean unigram entropy of each sample, and for character corpora the share of generated
+words found in the training split.
 """
 import argparse
 import json
@@ -27,8 +35,8 @@ import sys
 import numpy as np
 import torch
 
-from common import (UserError, all_gather, check_length, comm_buffer, ddp_shutdown, default_dataset, open_model,
-                    open_split, pick_device, random_windows, start_processes)
+from common import (UserError, all_gather, check_length, comm_buffer, ddp_shutdown, default_dataset, load_codec,
+                    open_model, open_split, pick_device, random_windows, start_processes)
 
 
 @torch.no_grad()
@@ -57,6 +65,89 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
         if len(estimates) >= min_batches and se < target_se:
             break
     return estimates
+
+
+@torch.no_grad()
+def estimate_windows(model, windows, batch_size, seed=0, rank=0, world_size=1, max_batches=0, T=None, progress=None):
+    """One pass over fixed windows (N, L): shuffled (seed) into N // batch_size batches of batch_size to
+    2 batch_size - 1 windows, each scored once by model.batch_bound (bits/token); max_batches > 0 keeps only
+    the first ones. Under torchrun rank r takes batches r, r + W, ... Returns (estimates, sizes) of all."""
+    dev = next(model.parameters()).device
+    order = np.random.default_rng(seed).permutation(len(windows))
+    batches = np.array_split(order, max(1, len(windows) // batch_size))[:max_batches or None]
+    gen = torch.Generator(device=dev).manual_seed(seed * 1000 + rank)
+    send = comm_buffer(torch.zeros(2, dtype=torch.float64, device=dev))
+    everyone = [comm_buffer(torch.zeros_like(send)) for _ in range(world_size)]
+    estimates, sizes = [], []
+    for first in range(0, len(batches), world_size):
+        mine = torch.zeros(2, dtype=torch.float64, device=dev)  # (estimate, size); size 0: no batch this round
+        if first + rank < len(batches):
+            x0 = torch.from_numpy(windows[batches[first + rank]]).to(dev)
+            offset = float(torch.rand((), generator=gen, device=dev))
+            mine[0] = model.batch_bound(x0, offset, gen, T=T) / math.log(2)
+            mine[1] = len(x0)
+        rows = all_gather(everyone, send.copy_(mine)) if world_size > 1 else [mine]
+        for row in rows:
+            if row[1] > 0:
+                estimates.append(float(row[0]))
+                sizes.append(int(row[1]))
+        if progress is not None:
+            progress.update(sum(1 for row in rows if row[1] > 0))
+    return estimates, sizes
+
+
+def weighted_summary(estimates, sizes):
+    """The mean of batch estimates weighted by their sizes, and its standard error (inf with fewer than two)."""
+    e, w = np.asarray(estimates, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
+    mean = float((e * w).sum() / w.sum())
+    if len(e) < 2:
+        return mean, float("inf")
+    return mean, float(np.sqrt((w ** 2 * (e - mean) ** 2).sum() * len(e) / (len(e) - 1)) / w.sum())
+
+
+def zero_shot_main(args, model, rank, world_size):
+    """evaluate.py CKPT --zero_shot NAMES: the table of the papers' zero-shot suite."""
+    import zeroshot
+    trained = model.checkpoint_meta.get("training_args", {})
+    codec = load_codec(model.vocab_size, trained.get("dataset") or default_dataset(model.vocab_size),
+                       args.data_dir or None)
+    if codec.bpe is None:
+        raise UserError("--zero_shot needs a model of a BPE vocabulary (GPT-2's, as the papers'): this one reads characters")
+    seq_len = args.seq_len or trained.get("seq_len") or 1024
+    check_length(model, seq_len)
+    data_files = zeroshot.parse_data_files(args.data_files) if args.data_files else {}
+    eot = codec.bpe.eot_token
+    rows = []
+    for name in zeroshot.parse_names(args.zero_shot):
+        windows, docs = zeroshot.zero_shot_windows(name, codec.bpe.encode_ordinary, seq_len, eot, eot,
+                                                   data_files.get(name), doc_eos=args.doc_eos)
+        progress = None
+        if rank == 0 and not args.json:
+            from tqdm import tqdm
+            progress = tqdm(desc=name, unit="batch", dynamic_ncols=True, mininterval=0.5, disable=None)
+        try:
+            estimates, sizes = estimate_windows(model, windows, args.batch_size, args.seed, rank, world_size,
+                                                args.max_batches, args.T, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        bpt, se = weighted_summary(estimates, sizes)
+        lo, hi = bpt - 1.96 * se, bpt + 1.96 * se
+        rows.append({"dataset": name, "documents": docs, "windows": int(sum(sizes)), "tokens": int(sum(sizes)) * seq_len,
+                     "bpt": bpt, "se": se if math.isfinite(se) else None, "ppl": 2 ** bpt,
+                     "ppl95": [2 ** lo, 2 ** hi] if math.isfinite(se) else None})
+    if rank == 0:
+        if args.json:
+            print(json.dumps({"model": type(model).__name__, "bound": model.bound_name(args.T), "seq_len": seq_len,
+                              "zero_shot": rows}))
+        else:
+            print(f"zero-shot {model.bound_name(args.T)}, windows of {seq_len} tokens (BOS/EOS included)")
+            print(f"{'dataset':<12} {'docs':>8} {'tokens':>11} {'bits/token':>18} {'perplexity':>10}  95% interval")
+            for r in rows:
+                interval = f"{r['ppl95'][0]:.2f}..{r['ppl95'][1]:.2f}" if r["ppl95"] else "n/a"
+                print(f"{r['dataset']:<12} {r['documents']:>8} {r['tokens']:>11} {r['bpt']:>9.4f} \u00b1 "
+                      f"{r['se'] if r['se'] is not None else float('nan'):.4f} {r['ppl']:>10.2f}  {interval}")
+    return {"zero_shot": rows, "seq_len": seq_len, "model": type(model).__name__}
 
 
 def summarize(estimates):
@@ -99,12 +190,13 @@ def judge_main(args, dev):
     if not texts:
         raise UserError(f"--samples {args.samples} holds no samples")
     judge = load_judge(args.judge, args.data_dir or None, dev, ema=args.ema)
-    result = {"judge": args.judge, **quality(texts, ids, judge, args.data_dir or None)}
+    result = {"judge": args.judge, **quality(texts, ids, judge, args.data_dir or None, protocol=args.protocol)}
     if args.json:
         print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.items()}))
     else:
         extra = f", in-vocabulary words {result['in_vocab']:.3f}" if "in_vocab" in result else ""
-        print(f"{result['samples']} samples, {result['tokens']} tokens under {args.judge}: generative perplexity "
+        print(f"{result['samples']} samples, {result['tokens']} tokens under {args.judge} ({args.protocol} rule): "
+              f"generative perplexity "
               f"{result['gen_ppl']:.3f} ({result['gen_bpt']:.4f} bits/token), unigram entropy "
               f"{result['entropy']:.3f} bits{extra}")
     return result
@@ -117,6 +209,14 @@ def main(argv=None):
                    "output) under --judge")
     p.add_argument("--judge", default="", help="with --samples: an autoregressive checkpoint of this repo, or "
                    "gpt2 / gpt2-medium / gpt2-large / gpt2-xl (Hugging Face weights)")
+    p.add_argument("--protocol", default="pooled", help="with --samples: pooled (this repo's rule: every token "
+                   "scored once, sliding windows) or mdlm (the papers': see judge.py)")
+    p.add_argument("--zero_shot", default="", help="the papers' zero-shot suite instead of --split, a comma list of "
+                   "ptb, wikitext103, wikitext2, lm1b, lambada, ag_news, pubmed, arxiv, or all (zeroshot.py)")
+    p.add_argument("--doc_eos", action="store_true", help="with --zero_shot: end-of-text after every document (MDLM's "
+                   "dataloader default; the papers' released zero-shot scripts turn it off)")
+    p.add_argument("--data_files", default="", help="with --zero_shot: local copies, NAME=PATH[,NAME=PATH] (a file "
+                   "or directory as the Hugging Face dataset repo stores it), for offline use")
     p.add_argument("--split", default="test", help="val or test (any SPLIT.npy / SPLIT.bin in --data_dir)")
     p.add_argument("--data_dir", default="", help="dataset directory (default data/text8 or data/openwebtext)")
     p.add_argument("--batch_size", type=int, default=64, help="windows per batch (one network call)")
@@ -143,6 +243,14 @@ def main(argv=None):
 
     ddp, rank, world_size, dev = start_processes(args.device)
     model = open_model(args.ckpt, args.ema, dev)
+    if args.zero_shot:
+        try:
+            return zero_shot_main(args, model, rank, world_size)
+        except ValueError as e:  # what this model's bound does not offer (--T for a fixed bound)
+            raise UserError(str(e))
+        finally:
+            if ddp:
+                ddp_shutdown()
     trained = model.checkpoint_meta.get("training_args", {})
     dataset = trained.get("dataset") or default_dataset(model.vocab_size)
     data_dir = args.data_dir or os.path.join("data", dataset or "text8")

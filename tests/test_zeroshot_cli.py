@@ -1,0 +1,134 @@
+"""evaluate.py --zero_shot end to end, offline: a tiny autoregressive model (its bound, the exact NLL, is
+deterministic) scored on a local WikiText-2-format file must give exactly the mean NLL that this test computes
+itself over windows it builds itself; the batch weighting, the table and the one-line errors."""
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+from ar import AR
+from common import UserError
+from conftest import call_main, randomize_weights
+
+WORDS = "the cat sat on a mat and then there was another thin thing in her hand".split()
+L = 16
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_bpe):
+    """(checkpoint path, data dir, wikitext-2 file, documents, model) for a random-weight AR on the tiny BPE."""
+    data_dir = tmp_path / "mine"
+    data_dir.mkdir()
+    kwargs = dict(name=tiny_bpe.name, pat_str=tiny_bpe._pat_str, mergeable_ranks=tiny_bpe._mergeable_ranks,
+                  special_tokens=tiny_bpe._special_tokens)
+    (data_dir / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": tiny_bpe.n_vocab, "tiktoken": kwargs}))
+    args = dict(vocab_size=tiny_bpe.n_vocab, n_embed=32, n_heads=2, n_blocks=1, n_cond=16, dropout=0.0)
+    model = randomize_weights(AR(**args), seed=3).eval()
+    ckpt = tmp_path / "ar.pt"
+    torch.save({"model": model.state_dict(), "model_cls": "AR", "model_args": args,
+                "training_args": {"dataset": "mine", "seq_len": L}}, ckpt)
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, size=rng.integers(3, 20))) for _ in range(40)]
+    wiki = tmp_path / "wikitext-2-raw-v1" / "validation.jsonl"
+    wiki.parent.mkdir()
+    wiki.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return ckpt, data_dir, wiki, docs, model
+
+
+def expected_bits(model, docs, enc, doc_eos=False):
+    """The mean NLL (bits/token) over all windows, built here: every document's tokens (+ end-of-text), one
+    stream, cut into pieces of L - 2, each framed by end-of-text on both sides; the remainder dropped."""
+    eot = enc.eot_token
+    stream = []
+    for d in docs:
+        stream += enc.encode_ordinary(d) + ([eot] if doc_eos else [])
+    pieces = [stream[i:i + L - 2] for i in range(0, len(stream) - (L - 2) + 1, L - 2)]
+    windows = torch.tensor([[eot] + p + [eot] for p in pieces])
+    start = torch.full((len(windows), 1), model.mask_id)
+    with torch.no_grad():
+        logits = model.logits(torch.cat([start, windows[:, :-1]], dim=1))
+    nll = F.cross_entropy(logits.flatten(0, 1), windows.flatten(), reduction="mean")
+    return float(nll) / math.log(2), len(windows)
+
+
+@pytest.mark.parametrize("doc_eos", [False, True])
+def test_zero_shot_bits_equal_the_exact_nll_over_all_windows(setup, tiny_bpe, doc_eos, capsys):
+    ckpt, data_dir, wiki, docs, model = setup
+    argv = [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
+            "--data_files", f"wikitext2={wiki}", "--batch_size", "4", "--json"] + (["--doc_eos"] if doc_eos else [])
+    result = call_main(evaluate, argv)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"][0]
+    bits, windows = expected_bits(model, docs, tiny_bpe, doc_eos)
+    assert row["dataset"] == "wikitext2" and row["documents"] == len(docs)
+    assert row["windows"] == windows and row["tokens"] == windows * L
+    assert row["bpt"] == pytest.approx(bits, abs=2e-5)
+    assert row["ppl"] == pytest.approx(2 ** bits, rel=1e-4)
+    lo, hi = row["ppl95"]
+    assert lo < row["ppl"] < hi
+    assert result["zero_shot"][0]["bpt"] == row["bpt"]
+
+
+def test_the_table_and_max_batches(setup, capsys):
+    ckpt, data_dir, wiki, docs, model = setup
+    call_main(evaluate, [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
+                         "--data_files", f"wikitext2={wiki}", "--batch_size", "2", "--max_batches", "3"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("wikitext2"))
+    fields = line.split()
+    assert fields[1] == str(len(docs))
+    windows = int(fields[2]) // L
+    assert 3 * 2 <= windows <= 3 * 3  # three batches of 2 to 3 windows
+    assert "95% interval" in out
+
+
+def test_weighted_summary_against_brute_force():
+    e, w = [1.0, 2.0, 4.0], [2, 2, 2]  # equal sizes: the plain mean and standard error
+    mean, se = evaluate.weighted_summary(e, w)
+    assert mean == pytest.approx(evaluate.summarize(e)[0]) and se == pytest.approx(evaluate.summarize(e)[1])
+    mean, se = evaluate.weighted_summary([1.0, 3.0], [1, 3])  # a batch of 1 and a batch of 3 windows
+    assert mean == pytest.approx((1 * 1 + 3 * 3) / 4)
+    # sqrt(sum w^2 (e - m)^2 * k / (k - 1)) / sum w, k = 2: (1 * 1.5^2 + 9 * 0.5^2) * 2 = 9, sqrt = 3, / 4
+    assert se == pytest.approx(3 / 4)
+    assert evaluate.weighted_summary([2.0], [5]) == (2.0, float("inf"))
+
+
+def test_one_line_errors(setup, tmp_path, tiny_text8):
+    ckpt, data_dir, wiki, docs, model = setup
+    base = [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir]
+    with pytest.raises(UserError, match="unknown zero-shot dataset"):
+        call_main(evaluate, base + ["--zero_shot", "wikitext4"])
+    with pytest.raises(UserError, match="NAME=PATH"):
+        call_main(evaluate, base + ["--zero_shot", "wikitext2", "--data_files", str(wiki)])
+    with pytest.raises(UserError, match="wikitext2"):
+        call_main(evaluate, base + ["--zero_shot", "wikitext2", "--data_files", f"wikitext2={tmp_path / 'none'}"])
+    char_args = dict(vocab_size=27, n_embed=32, n_heads=2, n_blocks=1, n_cond=16, dropout=0.0)
+    char_ckpt = tmp_path / "char.pt"
+    torch.save({"model": AR(**char_args).state_dict(), "model_cls": "AR", "model_args": char_args,
+                "training_args": {"dataset": "text8", "seq_len": L}}, char_ckpt)
+    with pytest.raises(UserError, match="BPE"):
+        call_main(evaluate, [char_ckpt, "--no_ema", "--device", "cpu", "--data_dir", f"{tiny_text8}/text8",
+                             "--zero_shot", "wikitext2", "--data_files", f"wikitext2={wiki}"])
+
+
+def test_samples_under_both_protocols(setup, tmp_path, capsys):
+    """evaluate.py --samples --protocol: the papers' rule differs from the pooled default on samples that hold an
+    end-of-text followed by more text (the mdlm rule does not score the first token and counts one EOS)."""
+    ckpt, data_dir, wiki, docs, model = setup
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                               ["the cat sat<|endoftext|> on a mat", "then there was another thin thing"]))
+    results = {}
+    for protocol in ("pooled", "mdlm"):
+        results[protocol] = call_main(evaluate, ["--samples", samples, "--judge", ckpt, "--no_ema", "--device", "cpu",
+                                                 "--data_dir", data_dir, "--protocol", protocol])
+        assert f"({protocol} rule)" in capsys.readouterr().out
+        assert results[protocol]["protocol"] == protocol
+    assert results["mdlm"]["tokens"] != results["pooled"]["tokens"]
+    with pytest.raises(UserError, match="protocol"):
+        call_main(evaluate, ["--samples", samples, "--judge", ckpt, "--no_ema", "--device", "cpu",
+                             "--data_dir", data_dir, "--protocol", "bd3lm"])
