@@ -26,7 +26,8 @@ Modes:
           --quality_calls steps, and the exact sampler, scored by --judge (see bench_quality); --plot.
   suite   everything only a GPU can show, in one command with a deadline (see bench_suite): each family
           of --suite_configs at its published size with torch.compile and bf16 on and off, a 1-process
-          torchrun (NCCL) training run, sampling speed. One JSON line each; failures are JSON lines too.
+          torchrun (NCCL) training run, sampling speed; with the hub, the papers' published checkpoints
+          (convert.py) on --published_zero_shot. One JSON line each; failures are JSON lines too.
 """
 import json
 import math
@@ -41,7 +42,8 @@ import numpy as np
 import torch
 
 import configs
-from common import UserError, load_codec, open_model, open_split, pick_device
+from common import UserError, hub_online, load_codec, open_model, open_split, pick_device
+from convert import PUBLISHED
 
 CONFIG_NAMES = configs.NAMES
 
@@ -65,6 +67,9 @@ target_se = 0.01
 seed = 0
 suite_configs = "d3pm_text8,mdlm_text8,ar_text8,bd3lm_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
 suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
+suite_published = "auto"  # suite: evaluate the papers' checkpoints (convert.PUBLISHED): on, off, auto (CUDA and hub)
+published_zero_shot = "wikitext2,ptb,lambada"  # suite: their zero-shot rows (evaluate.py --zero_shot) ...
+published_batches = 20  # ... on this many batches of 16 windows each
 judge = ""  # quality: the judge (an AR checkpoint or a GPT-2 name; see judge.py)
 quality_samplers = "ancestral,top_p0.9,confidence,confidence_margin"  # quality: the curves
 quality_calls = "8,16,32,64,128"  # quality: network calls (steps) per point; the exact sampler is added
@@ -248,6 +253,8 @@ def bench_suite(config, dev):
     jobs = [("train", c, *combos[0]) for c in names] + [("torchrun", "d3pm_tiny", dev.type == "cuda", True)]
     jobs += [("train", c, *combo) for combo in combos[1:2] for c in names] + [("sample", c, False, True) for c in names]
     jobs += [("train", c, *combo) for combo in combos[2:] for c in names]
+    if suite_published == "on" or (suite_published == "auto" and dev.type == "cuda" and hub_online()):
+        jobs += [("published", repo_id, False, True) for repo_id in PUBLISHED]
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for kind, c, use_compile, use_bf16 in jobs:
@@ -269,6 +276,13 @@ def bench_suite(config, dev):
                 rc, out, err = run_child(argv, min(left, 300))
                 record.update(backend="nccl" if dev.type == "cuda" else "gloo", seconds=time.time() - t0,
                               ok=rc == 0 and os.path.exists(os.path.join(tmp, "out", "last.pt")))
+            elif kind == "published":
+                argv = [sys.executable, "evaluate.py", c, f"--zero_shot={published_zero_shot}", "--batch_size=16",
+                        f"--max_batches={published_batches}", f"--device={device}", "--json"]
+                rc, out, err = run_child(argv, min(left, 600))
+                lines = [line for line in out.splitlines() if line.startswith("{")]
+                if rc == 0 and lines:
+                    record.update(json.loads(lines[-1]))
             else:
                 argv = me + [c, f"--mode={kind}", f"--compile={use_compile}", f"--bf16={use_bf16}", f"--device={device}",
                              f"--steps={steps}", f"--warmup={warmup}", f"--sample_batch={sample_batch}"]
