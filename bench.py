@@ -67,9 +67,10 @@ target_se = 0.01
 seed = 0
 suite_configs = "d3pm_text8,mdlm_text8,ar_text8,bd3lm_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
 suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
-suite_published = "auto"  # suite: evaluate the papers' checkpoints (convert.PUBLISHED): on, off, auto (CUDA and hub)
+suite_published = "auto"  # suite: the papers' checkpoints (convert.PUBLISHED): auto (CUDA and hub), on, off, or a list
 published_zero_shot = "wikitext2,ptb,lambada"  # suite: their zero-shot rows (evaluate.py --zero_shot) ...
 published_batches = 20  # ... on this many batches of 16 windows each
+published_data_files = ""  # ... from local copies (evaluate.py --data_files) instead of the hub
 judge = ""  # quality: the judge (an AR checkpoint or a GPT-2 name; see judge.py)
 quality_samplers = "ancestral,top_p0.9,confidence,confidence_margin"  # quality: the curves
 quality_calls = "8,16,32,64,128"  # quality: network calls (steps) per point; the exact sampler is added
@@ -250,11 +251,13 @@ def bench_suite(config, dev):
             raise UserError(f"--suite_configs: unknown config {c!r}")
     me = [sys.executable, os.path.abspath(__file__)]
     combos = [(True, True), (False, True), (True, False), (False, False)] if dev.type == "cuda" else [(False, False)]
-    jobs = [("train", c, *combos[0]) for c in names] + [("torchrun", "d3pm_tiny", dev.type == "cuda", True)]
+    jobs = [("train", c, *combos[0]) for c in names] + [("torchrun", "d3pm_tiny", dev.type == "cuda", True)] * bool(names)
     jobs += [("train", c, *combo) for combo in combos[1:2] for c in names] + [("sample", c, False, True) for c in names]
     jobs += [("train", c, *combo) for combo in combos[2:] for c in names]
     if suite_published == "on" or (suite_published == "auto" and dev.type == "cuda" and hub_online()):
         jobs += [("published", repo_id, False, True) for repo_id in PUBLISHED]
+    elif suite_published not in ("auto", "off", "on"):  # a comma list of ids or local copies
+        jobs += [("published", spec, False, True) for spec in suite_published.split(",") if spec]
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for kind, c, use_compile, use_bf16 in jobs:
@@ -279,6 +282,8 @@ def bench_suite(config, dev):
             elif kind == "published":
                 argv = [sys.executable, "evaluate.py", c, f"--zero_shot={published_zero_shot}", "--batch_size=16",
                         f"--max_batches={published_batches}", f"--device={device}", "--json"]
+                argv += [f"--data_files={published_data_files}"] * bool(published_data_files)
+                argv += [f"--data_dir={data_dir}"] * bool(data_dir)  # its tokenizer (meta.pkl), if not GPT-2's
                 rc, out, err = run_child(argv, min(left, 600))
                 lines = [line for line in out.splitlines() if line.startswith("{")]
                 if rc == 0 and lines:

@@ -132,3 +132,23 @@ def test_samples_under_both_protocols(setup, tmp_path, capsys):
     with pytest.raises(UserError, match="protocol"):
         call_main(evaluate, ["--samples", samples, "--judge", ckpt, "--no_ema", "--device", "cpu",
                              "--data_dir", data_dir, "--protocol", "bd3lm"])
+
+
+def test_bench_suite_evaluates_a_published_checkpoint(setup, tmp_path, tiny_bpe):
+    """bench.py --mode=suite --suite_published=DIR: a local copy of a published MDLM (test_convert's layout, on the
+    tiny BPE) is scored on its zero-shot row from a local file, one JSON line, within the suite's deadline."""
+    from conftest import run_script
+    from test_convert import mdlm_config, published_state, write_checkpoint
+    _, data_dir, wiki, _, _ = setup
+    pub = write_checkpoint(tmp_path / "pub", mdlm_config(vocab_size=tiny_bpe.n_vocab + 1),
+                           published_state(vocab=tiny_bpe.n_vocab + 1))
+    proc = run_script(["bench.py", "--mode=suite", "--suite_configs=", f"--suite_published={pub}",
+                       "--published_zero_shot=wikitext2", f"--published_data_files=wikitext2={wiki}",
+                       "--published_batches=2", f"--data_dir={data_dir}", "--device=cpu", "--suite_seconds=200"],
+                      timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert records[-1]["bench"] == "suite" and records[-1]["jobs"] == 1 and records[-1]["failed"] == 0
+    row = records[0]["zero_shot"][0]
+    assert records[0]["bench"] == "published" and records[0]["model"] == "MDLM"
+    assert row["dataset"] == "wikitext2" and row["windows"] >= 2 and math.isfinite(row["bpt"])
