@@ -251,7 +251,8 @@ def bench_suite(config, dev):
             raise UserError(f"--suite_configs: unknown config {c!r}")
     me = [sys.executable, os.path.abspath(__file__)]
     combos = [(True, True), (False, True), (True, False), (False, False)] if dev.type == "cuda" else [(False, False)]
-    jobs = [("train", c, *combos[0]) for c in names] + [("torchrun", "d3pm_tiny", dev.type == "cuda", True)] * bool(names)
+    jobs = [("train", c, *combos[0]) for c in names]
+    jobs += [("torchrun", "d3pm_tiny", dev.type == "cuda", True)] * bool(names)
     jobs += [("train", c, *combo) for combo in combos[1:2] for c in names] + [("sample", c, False, True) for c in names]
     jobs += [("train", c, *combo) for combo in combos[2:] for c in names]
     if suite_published == "on" or (suite_published == "auto" and dev.type == "cuda" and hub_online()):

@@ -350,9 +350,9 @@ def download_published(repo_id):
     try:
         config = hf_hub_download(repo_id=repo_id, filename="config.json", local_files_only=not online)
     except Exception as e:
-        raise UserError(f"{repo_id} could not be downloaded from the Hugging Face hub ({'online' if online else 'offline'}"
-                        f", {type(e).__name__}): run once with network access, or pass a local copy of the repo "
-                        f"(config.json and model.safetensors)")
+        raise UserError(f"{repo_id} could not be downloaded from the Hugging Face hub ("
+                        f"{'online' if online else 'offline'}, {type(e).__name__}): run once with network access, or "
+                        f"pass a local copy of the repo (config.json and model.safetensors)")
     for name in ("model.safetensors", "pytorch_model.bin"):
         try:
             hf_hub_download(repo_id=repo_id, filename=name, local_files_only=not online)

@@ -152,3 +152,13 @@ def test_bench_suite_evaluates_a_published_checkpoint(setup, tmp_path, tiny_bpe)
     row = records[0]["zero_shot"][0]
     assert records[0]["bench"] == "published" and records[0]["model"] == "MDLM"
     assert row["dataset"] == "wikitext2" and row["windows"] >= 2 and math.isfinite(row["bpt"])
+
+
+def test_codec_shows_nothing_for_an_id_the_bpe_lacks(tiny_bpe):
+    """Duo's published vocabulary is GPT-2's plus a [PAD] state (id n_vocab): a sample may hold it; it decodes to
+    nothing, while the mask id (vocab_size) still shows as the glyph."""
+    from common import MASK_GLYPH, Codec
+    codec = Codec(tiny_bpe.n_vocab + 1, bpe=tiny_bpe)
+    ids = tiny_bpe.encode_ordinary("the cat") + [tiny_bpe.n_vocab] + tiny_bpe.encode_ordinary(" sat")
+    assert codec.decode(ids) == "the cat sat"
+    assert codec.decode(ids + [codec.mask_id]) == "the cat sat" + MASK_GLYPH
