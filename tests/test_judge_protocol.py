@@ -123,12 +123,7 @@ def chunkwise_mdlm(judge, samples, max_length):
     return total, tokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one torch thread
 
 
 def test_mdlm_rule_on_tiny_models():
