@@ -120,7 +120,7 @@ def zero_shot_main(args, model, rank, world_size):
     rows = []
     for name in zeroshot.parse_names(args.zero_shot):
         windows, docs = zeroshot.zero_shot_windows(name, codec.bpe.encode_ordinary, seq_len, eot, eot,
-                                                   data_files.get(name), doc_eos=args.doc_eos)
+                                                   data_files.get(name), doc_eos=args.doc_eos or None)
         progress = None
         if rank == 0 and not args.json:
             from tqdm import tqdm
@@ -212,9 +212,10 @@ def main(argv=None):
     p.add_argument("--protocol", default="pooled", help="with --samples: pooled (this repo's rule: every token "
                    "scored once, sliding windows) or mdlm (the papers': see judge.py)")
     p.add_argument("--zero_shot", default="", help="the papers' zero-shot suite instead of --split, a comma list of "
-                   "ptb, wikitext103, wikitext2, lm1b, lambada, ag_news, pubmed, arxiv, or all (zeroshot.py)")
+                   "ptb, wikitext103, wikitext2, lm1b, lambada, ag_news, pubmed, arxiv, or all (zeroshot.py); "
+                   "openwebtext: their OWT test set (the last 100k documents)")
     p.add_argument("--doc_eos", action="store_true", help="with --zero_shot: end-of-text after every document (MDLM's "
-                   "dataloader default; the papers' released zero-shot scripts turn it off)")
+                   "dataloader default, and openwebtext's always; the released zero-shot scripts turn it off)")
     p.add_argument("--data_files", default="", help="with --zero_shot: local copies, NAME=PATH[,NAME=PATH] (a file "
                    "or directory as the Hugging Face dataset repo stores it), for offline use")
     p.add_argument("--split", default="test", help="val or test (any SPLIT.npy / SPLIT.bin in --data_dir)")

@@ -18,7 +18,9 @@ Splits: `validation`, except `test` for lm1b and ag_news (their `get_dataloaders
 test); lambada is OpenAI's test file. lm1b is the `lm1b-gpt2` data config (GPT-2, wrapped) the zero-shot scripts run.
 sci_papers = scientific_papers: the wikitext rules, then the lm1b rules. ag_news has no detokenizer. *: script-only
 datasets, which `datasets` >= 4 cannot run: read from the hub's parquet export (refs/convert/parquet,
-CONFIG/SPLIT/*.parquet: the rows the script produced, in order).
+CONFIG/SPLIT/*.parquet: the rows the script produced, in order). Besides the eight, `openwebtext` (TEST_SETS) is
+the papers' OpenWebText test set: the last 100k documents of Skylion007/openwebtext's only split, each followed by
+end-of-text (their openwebtext-valid; MDLM frames its windows with BOS/EOS, BD3-LM's OWT script does not).
 
 Windows (`wrap`): each document is tokenized alone (no special tokens); with `doc_eos` an end-of-text token is
 appended to it; the documents are concatenated and cut into chunks of L - 2 tokens, each written as [BOS] chunk [EOS]
@@ -136,6 +138,8 @@ class Source(NamedTuple):
     column: str
     detokenizer: Optional[str]
     revision: Optional[str] = None
+    last: Optional[int] = None  # keep only the last rows of the split
+    doc_eos: bool = False  # the default of wrap's doc_eos for this set
 
 
 PARQUET_EXPORT = "refs/convert/parquet"
@@ -153,6 +157,10 @@ DATASETS = {
                     PARQUET_EXPORT),
 }
 
+# the papers' OpenWebText test set (openwebtext-valid: the last 100k documents of the only split; end-of-text after
+# each document, insert_valid_eos=True); not one of the zero-shot rows, so "all" leaves it out
+TEST_SETS = {"openwebtext": Source("Skylion007/openwebtext", None, "train", "text", None, last=100_000, doc_eos=True)}
+
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
 _METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
 _SPLIT_WORDS = {"train": {"train", "training"}, "validation": {"validation", "valid", "val", "dev"},
@@ -164,9 +172,10 @@ def _one_line(e):
 
 
 def _source(name):
-    if name not in DATASETS:
-        raise UserError(f"unknown zero-shot dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[name]
+    known = {**DATASETS, **TEST_SETS}
+    if name not in known:
+        raise UserError(f"unknown zero-shot dataset {name!r}; known: {', '.join(known)}")
+    return known[name]
 
 
 def local_files(path, config, split):
@@ -227,6 +236,8 @@ def load_texts(name, data_files=None, cache_dir=None):
     if src.column not in ds.column_names:
         raise UserError(f"zero-shot dataset {name}: no column {src.column!r} in {where} (columns: "
                         f"{', '.join(ds.column_names)}); pass --data_files {name}=PATH with the {src.column!r} column")
+    if src.last and len(ds) > src.last:
+        ds = ds.select(range(len(ds) - src.last, len(ds)))
     texts = ["" if t is None else t for t in ds[src.column]]
     if not texts:
         raise UserError(f"zero-shot dataset {name}: {where} holds no documents; pass --data_files {name}=PATH")
@@ -266,11 +277,12 @@ def wrap(token_lists, seq_len, bos, eos, doc_eos=False, batch_docs=1000, shards=
     return out
 
 
-def zero_shot_windows(name, encode, seq_len, bos, eos, data_files=None, doc_eos=False, batch_docs=1000, shards=1,
+def zero_shot_windows(name, encode, seq_len, bos, eos, data_files=None, doc_eos=None, batch_docs=1000, shards=1,
                       cache_dir=None):
     """(windows, number of documents) of a zero-shot dataset: load_texts, encode each document alone (encode:
-    text -> list of ids, e.g. tiktoken's GPT-2 encode_ordinary), wrap."""
+    text -> list of ids, e.g. tiktoken's GPT-2 encode_ordinary), wrap (doc_eos None: the dataset's default)."""
     texts = load_texts(name, data_files, cache_dir=cache_dir)
+    doc_eos = _source(name).doc_eos if doc_eos is None else doc_eos
     try:
         windows = wrap([encode(t) for t in texts], seq_len, bos, eos, doc_eos, batch_docs, shards)
     except UserError as e:

@@ -162,3 +162,20 @@ def test_codec_shows_nothing_for_an_id_the_bpe_lacks(tiny_bpe):
     ids = tiny_bpe.encode_ordinary("the cat") + [tiny_bpe.n_vocab] + tiny_bpe.encode_ordinary(" sat")
     assert codec.decode(ids) == "the cat sat"
     assert codec.decode(ids + [codec.mask_id]) == "the cat sat" + MASK_GLYPH
+
+
+def test_openwebtext_test_set_keeps_the_last_documents_with_end_of_text(tmp_path, tiny_bpe, monkeypatch):
+    """--zero_shot openwebtext: the last `last` documents of the split (100k in the papers; 3 here), each followed by
+    end-of-text by default, framed as the zero-shot windows are; --doc_eos is not needed."""
+    import zeroshot
+    monkeypatch.setitem(zeroshot.TEST_SETS, "openwebtext", zeroshot.TEST_SETS["openwebtext"]._replace(last=3))
+    docs = [f"doc {i} " + " ".join(WORDS[i:i + 6]) for i in range(7)]
+    path = tmp_path / "owt" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    eot = tiny_bpe.eot_token
+    windows, n = zeroshot.zero_shot_windows("openwebtext", tiny_bpe.encode_ordinary, 8, eot, eot, str(path.parent))
+    stream = [t for d in docs[-3:] for t in tiny_bpe.encode_ordinary(d) + [eot]]
+    k = len(stream) // 6
+    assert n == 3 and windows.tolist() == [[eot] + stream[6 * i:6 * i + 6] + [eot] for i in range(k)]
+    assert "openwebtext" not in zeroshot.parse_names("all")
