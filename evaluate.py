@@ -120,7 +120,8 @@ def zero_shot_main(args, model, rank, world_size):
     rows = []
     for name in zeroshot.parse_names(args.zero_shot):
         windows, docs = zeroshot.zero_shot_windows(name, codec.bpe.encode_ordinary, seq_len, eot, eot,
-                                                   data_files.get(name), doc_eos=args.doc_eos or None)
+                                                   data_files.get(name), doc_eos=args.doc_eos or None,
+                                                   frame=not args.no_frame)
         progress = None
         if rank == 0 and not args.json:
             from tqdm import tqdm
@@ -141,7 +142,8 @@ def zero_shot_main(args, model, rank, world_size):
             print(json.dumps({"model": type(model).__name__, "bound": model.bound_name(args.T), "seq_len": seq_len,
                               "zero_shot": rows}))
         else:
-            print(f"zero-shot {model.bound_name(args.T)}, windows of {seq_len} tokens (BOS/EOS included)")
+            print(f"zero-shot {model.bound_name(args.T)}, windows of {seq_len} tokens"
+                  f"{'' if args.no_frame else ' (BOS/EOS included)'}")
             print(f"{'dataset':<12} {'docs':>8} {'tokens':>11} {'bits/token':>18} {'perplexity':>10}  95% interval")
             for r in rows:
                 interval = f"{r['ppl95'][0]:.2f}..{r['ppl95'][1]:.2f}" if r["ppl95"] else "n/a"
@@ -216,6 +218,8 @@ def main(argv=None):
                    "openwebtext: their OWT test set (the last 100k documents)")
     p.add_argument("--doc_eos", action="store_true", help="with --zero_shot: end-of-text after every document (MDLM's "
                    "dataloader default, and openwebtext's always; the released zero-shot scripts turn it off)")
+    p.add_argument("--no_frame", action="store_true", help="with --zero_shot: windows of plain text, no BOS/EOS "
+                   "around each (BD3-LM's OWT script: insert_valid_special=False)")
     p.add_argument("--data_files", default="", help="with --zero_shot: local copies, NAME=PATH[,NAME=PATH] (a file "
                    "or directory as the Hugging Face dataset repo stores it), for offline use")
     p.add_argument("--split", default="test", help="val or test (any SPLIT.npy / SPLIT.bin in --data_dir)")

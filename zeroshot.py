@@ -246,18 +246,19 @@ def load_texts(name, data_files=None, cache_dir=None):
 
 
 # ---- windows ----------------------------------------------------------------------------------------------
-def wrap(token_lists, seq_len, bos, eos, doc_eos=False, batch_docs=1000, shards=1):
+def wrap(token_lists, seq_len, bos, eos, doc_eos=False, batch_docs=1000, shards=1, frame=True):
     """(n, seq_len) int64 windows [BOS] chunk [EOS], as the papers' `_group_texts` under `datasets.map`: the
     documents (each + [eos] if doc_eos) are split into `shards` contiguous shards (sizes differ by at most one,
     the larger first), each shard into batches of `batch_docs` documents (None: the whole shard); each batch is
     concatenated and cut into chunks of seq_len - 2 tokens, its remainder dropped. Shard by shard, batch by
-    batch, in order."""
-    if seq_len < 3:
+    batch, in order. frame=False: chunks of seq_len tokens, no BOS/EOS (insert_special_tokens=False)."""
+    if seq_len < (3 if frame else 1):
         raise UserError(f"seq_len {seq_len}: a zero-shot window needs at least 3 tokens (BOS, text, EOS)")
     docs = [list(t) + [eos] if doc_eos else list(t) for t in token_lists]
-    body, n, total = seq_len - 2, len(docs), sum(map(len, docs))
+    body, n, total = seq_len - 2 * frame, len(docs), sum(map(len, docs))
+    what = "seq_len - 2" if frame else "seq_len"
     if total < body:
-        raise UserError(f"only {total} tokens, fewer than the {body} (seq_len - 2) of one window")
+        raise UserError(f"only {total} tokens, fewer than the {body} ({what}) of one window")
     shards = max(1, min(shards, n))
     chunks = []
     for s in range(shards):
@@ -270,21 +271,23 @@ def wrap(token_lists, seq_len, bos, eos, doc_eos=False, batch_docs=1000, shards=
             if k:
                 chunks.append(flat[:k * body].reshape(k, body))
     if not chunks:
-        raise UserError(f"no batch of {batch_docs} documents holds the {body} (seq_len - 2) tokens of one window")
+        raise UserError(f"no batch of {batch_docs} documents holds the {body} ({what}) tokens of one window")
     chunks = np.concatenate(chunks)
+    if not frame:
+        return chunks
     out = np.empty((len(chunks), seq_len), dtype=np.int64)
     out[:, 0], out[:, -1], out[:, 1:-1] = bos, eos, chunks
     return out
 
 
 def zero_shot_windows(name, encode, seq_len, bos, eos, data_files=None, doc_eos=None, batch_docs=1000, shards=1,
-                      cache_dir=None):
+                      cache_dir=None, frame=True):
     """(windows, number of documents) of a zero-shot dataset: load_texts, encode each document alone (encode:
     text -> list of ids, e.g. tiktoken's GPT-2 encode_ordinary), wrap (doc_eos None: the dataset's default)."""
     texts = load_texts(name, data_files, cache_dir=cache_dir)
     doc_eos = _source(name).doc_eos if doc_eos is None else doc_eos
     try:
-        windows = wrap([encode(t) for t in texts], seq_len, bos, eos, doc_eos, batch_docs, shards)
+        windows = wrap([encode(t) for t in texts], seq_len, bos, eos, doc_eos, batch_docs, shards, frame)
     except UserError as e:
         raise UserError(f"zero-shot dataset {name} ({len(texts)} documents): {e}")
     return windows, len(texts)

@@ -40,15 +40,17 @@ def setup(tmp_path, tiny_bpe):
     return ckpt, data_dir, wiki, docs, model
 
 
-def expected_bits(model, docs, enc, doc_eos=False):
+def expected_bits(model, docs, enc, doc_eos=False, frame=True):
     """The mean NLL (bits/token) over all windows, built here: every document's tokens (+ end-of-text), one
-    stream, cut into pieces of L - 2, each framed by end-of-text on both sides; the remainder dropped."""
+    stream, cut into pieces of L - 2, each framed by end-of-text on both sides (frame=False: pieces of L as
+    they are); the remainder dropped."""
     eot = enc.eot_token
     stream = []
     for d in docs:
         stream += enc.encode_ordinary(d) + ([eot] if doc_eos else [])
-    pieces = [stream[i:i + L - 2] for i in range(0, len(stream) - (L - 2) + 1, L - 2)]
-    windows = torch.tensor([[eot] + p + [eot] for p in pieces])
+    n = L - 2 if frame else L
+    pieces = [stream[i:i + n] for i in range(0, len(stream) - n + 1, n)]
+    windows = torch.tensor([[eot] + p + [eot] if frame else p for p in pieces])
     start = torch.full((len(windows), 1), model.mask_id)
     with torch.no_grad():
         logits = model.logits(torch.cat([start, windows[:, :-1]], dim=1))
@@ -56,14 +58,15 @@ def expected_bits(model, docs, enc, doc_eos=False):
     return float(nll) / math.log(2), len(windows)
 
 
-@pytest.mark.parametrize("doc_eos", [False, True])
-def test_zero_shot_bits_equal_the_exact_nll_over_all_windows(setup, tiny_bpe, doc_eos, capsys):
+@pytest.mark.parametrize("doc_eos,frame", [(False, True), (True, True), (True, False)])
+def test_zero_shot_bits_equal_the_exact_nll_over_all_windows(setup, tiny_bpe, doc_eos, frame, capsys):
     ckpt, data_dir, wiki, docs, model = setup
     argv = [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
-            "--data_files", f"wikitext2={wiki}", "--batch_size", "4", "--json"] + (["--doc_eos"] if doc_eos else [])
+            "--data_files", f"wikitext2={wiki}", "--batch_size", "4", "--json"]
+    argv += ["--doc_eos"] * doc_eos + ["--no_frame"] * (not frame)
     result = call_main(evaluate, argv)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"][0]
-    bits, windows = expected_bits(model, docs, tiny_bpe, doc_eos)
+    bits, windows = expected_bits(model, docs, tiny_bpe, doc_eos, frame)
     assert row["dataset"] == "wikitext2" and row["documents"] == len(docs)
     assert row["windows"] == windows and row["tokens"] == windows * L
     assert row["bpt"] == pytest.approx(bits, abs=2e-5)
