@@ -135,8 +135,8 @@ FAMILY_ARGS = {"mdlm": mdlm_args, "bd3lm": bd3lm_args, "duo": duo_args}  # confi
 
 
 def convert(config, state, source):
-    """(model, training_args) from a published config dict and state dict; ValueError (one line) if they do
-    not fit: an unknown model type, a missing setting, or a missing, unexpected or misshapen tensor."""
+    """(model, model_args, training_args) from a published config dict and state dict; ValueError (one line) if
+    they do not fit: an unknown model type, a missing setting, or a missing, unexpected or misshapen tensor."""
     model_type = str(config.get("model_type", "")).lower()
     if model_type not in FAMILY_ARGS:
         raise ValueError(f"{source}: unknown model_type {config.get('model_type')!r} in config.json "
@@ -166,7 +166,8 @@ def convert(config, state, source):
         raise ValueError(f"{source}: missing tensor {their_name(missing[0])}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     model.load_state_dict({**ours, **loaded}, strict=True)
-    training_args = {"seq_len": int(config.get("model_length", 1024)), "published": source}
+    (length,) = require(config, ("model_length",), source)
+    training_args = {"seq_len": int(length), "published": source}
     return model, args, training_args
 
 
