@@ -182,3 +182,23 @@ def test_openwebtext_test_set_keeps_the_last_documents_with_end_of_text(tmp_path
     k = len(stream) // 6
     assert n == 3 and windows.tolist() == [[eot] + stream[6 * i:6 * i + 6] + [eot] for i in range(k)]
     assert "openwebtext" not in zeroshot.parse_names("all")
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_zero_shot_under_torchrun_equals_one_process(setup, tiny_bpe):
+    """torchrun --nproc_per_node=2 evaluate.py --zero_shot: the ranks take alternate batches (an odd number of them,
+    so rank 1 idles in the last round) and rank 0 prints the same table as one process: the exact NLL over all
+    windows (the AR bound is deterministic)."""
+    from conftest import run_script, script_env
+    ckpt, data_dir, wiki, docs, model = setup
+    bits, windows = expected_bits(model, docs, tiny_bpe)
+    B = next(b for b in range(2, 9) if (windows // b) % 2 == 1)
+    proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py", ckpt,
+                       "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
+                       "--data_files", f"wikitext2={wiki}", "--batch_size", B, "--json"], env=script_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    row = json.loads(lines[0])["zero_shot"][0]
+    assert row["windows"] == windows and row["bpt"] == pytest.approx(bits, abs=2e-5)
