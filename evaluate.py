@@ -76,8 +76,9 @@ def estimate_windows(model, windows, batch_size, seed=0, rank=0, world_size=1, m
     order = np.random.default_rng(seed).permutation(len(windows))
     batches = np.array_split(order, max(1, len(windows) // batch_size))[:max_batches or None]
     gen = torch.Generator(device=dev).manual_seed(seed * 1000 + rank)
-    send = comm_buffer(torch.zeros(2, dtype=torch.float64, device=dev))
-    everyone = [comm_buffer(torch.zeros_like(send)) for _ in range(world_size)]
+    if world_size > 1:  # the tensors the all_gather goes through, allocated once (see common.py: teardown)
+        send = comm_buffer(torch.zeros(2, dtype=torch.float64, device=dev))
+        everyone = [comm_buffer(torch.zeros_like(send)) for _ in range(world_size)]
     estimates, sizes = [], []
     for first in range(0, len(batches), world_size):
         mine = torch.zeros(2, dtype=torch.float64, device=dev)  # (estimate, size); size 0: no batch this round
