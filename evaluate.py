@@ -23,8 +23,8 @@ BOS and EOS included, as MDLM's evaluation does (BD3-LM's skips the first token)
 
 With --samples FILE --judge JUDGE it scores generated text instead (judge.py): generative perplexity
 and bits/token under an autoregressive judge (pooled over all tokens by default; --protocol mdlm: the
-papers' rule), the mean unigram entropy of each sample, and for character corpora the share of generated
-words found in the training split.
+papers' rule), the mean unigram entropy of each sample (bits; nats under --protocol mdlm, as the papers), and
+for character corpora the share of generated words found in the training split.
 """
 import argparse
 import json
@@ -201,7 +201,7 @@ def judge_main(args, dev):
         print(f"{result['samples']} samples, {result['tokens']} tokens under {args.judge} ({args.protocol} rule): "
               f"generative perplexity "
               f"{result['gen_ppl']:.3f} ({result['gen_bpt']:.4f} bits/token), unigram entropy "
-              f"{result['entropy']:.3f} bits{extra}")
+              f"{result['entropy']:.3f} {result['entropy_unit']}{extra}")
     return result
 
 

@@ -4,10 +4,11 @@ The judge: scores generated samples with a fixed autoregressive model, for sampl
     judge = load_judge("gpt2-large", device="cuda")           # GPT-2 (downloaded once from the HF hub)
     judge = load_judge("out/ar_text8/ckpt.pt")                # or an autoregressive checkpoint of this repo
     score_samples(judge, texts)   -> {gen_bpt, gen_ppl, tokens, nll_nats, samples, protocol}
-    unigram_entropy_bits(ids)     -> mean per-sample unigram entropy, bits
+    unigram_entropy(ids, unit)    -> mean per-sample unigram entropy, in bits (default) or nats
     in_vocab(texts, train_words(data_dir)) -> share of generated words seen in the training split
     quality(texts, ids, judge, data_dir)   -> all of the above at once (evaluate.py --samples, bench.py)
     score_samples(judge, texts, protocol="mdlm")  -> gen_ppl as MDLM / Duo compute it (mdlm_token_nlls)
+    quality(..., protocol="mdlm")          -> entropy in nats, as the papers report it (entropy_unit says which)
 
 A judge reads a start token followed by the sample: the first token is predicted from the start token
 alone, every token is scored exactly once. A sample longer than the judge's context C (the longest input
@@ -417,10 +418,16 @@ def score_samples(judge, samples, batch_tokens=4096, protocol="pooled", max_leng
 
 
 # ---- diversity and words ----------------------------------------------------------------------------
-def unigram_entropy_bits(samples):
-    """Mean over samples of the entropy, in bits, of each sample's unigram distribution (the counts of its
-    token ids / its length); any sequences of hashables (id lists, or strings: per character). Empty
+ENTROPY_UNITS = {"bits": math.log(2), "nats": 1.0}  # one unit in nats
+
+
+def unigram_entropy(samples, unit="bits"):
+    """Mean over samples of H = -sum_v p_v log p_v of each sample's unigram distribution p (the counts of its
+    token ids / its length), in `unit`: bits (log base 2, this repo's default) or nats (natural log, as the
+    papers' torch.special.entr). Any sequences of hashables (id lists, or strings: per character); empty
     samples are skipped. A repetitive sample has a low entropy (a constant one: 0)."""
+    if unit not in ENTROPY_UNITS:
+        raise UserError(f"unknown entropy unit {unit!r} (known: {', '.join(ENTROPY_UNITS)})")
     entropies = []
     for s in samples:
         s = s.tolist() if hasattr(s, "tolist") else list(s)
@@ -428,8 +435,13 @@ def unigram_entropy_bits(samples):
             continue
         _, counts = np.unique(np.asarray(s), return_counts=True)
         p = counts / counts.sum()
-        entropies.append(float(-(p * np.log2(p)).sum()) + 0.0)  # + 0.0: no -0.0
+        entropies.append(float(-(p * np.log(p)).sum()) / ENTROPY_UNITS[unit] + 0.0)  # + 0.0: no -0.0
     return sum(entropies) / len(entropies) if entropies else float("nan")
+
+
+def unigram_entropy_bits(samples):
+    """unigram_entropy in bits."""
+    return unigram_entropy(samples, "bits")
 
 
 def train_words(data_dir, cache=True, chunk_chars=1 << 22):
@@ -497,11 +509,14 @@ def in_vocab(texts, words):
 
 def quality(texts, ids, judge, data_dir=None, protocol="pooled", max_length=None):
     """Sample quality under a judge (judge.py): gen_ppl and gen_bpt pooled over all scored tokens (the
-    texts, in the judge's tokens) by the rule `protocol` (score_samples), the mean unigram entropy (bits) of
-    each sample's own tokens (ids if given, else the judge's), and for a character corpus (data_dir with
-    itos) in_vocab, the share of generated words that occur in its training split."""
+    texts, in the judge's tokens) by the rule `protocol` (score_samples), the mean unigram entropy of each
+    sample's own tokens (ids if given, else the judge's) in entropy_unit: bits under "pooled", nats under "mdlm"
+    (the papers' 5.2-5.6 are nats), and for a character corpus (data_dir with itos) in_vocab, the share of
+    generated words that occur in its training split."""
     result = score_samples(judge, texts, protocol=protocol, max_length=max_length)
-    result["entropy"] = unigram_entropy_bits(ids if ids is not None else [judge.encode(t) for t in texts])
+    result["entropy_unit"] = "nats" if protocol == "mdlm" else "bits"
+    result["entropy"] = unigram_entropy(ids if ids is not None else [judge.encode(t) for t in texts],
+                                        result["entropy_unit"])
     if data_dir and os.path.exists(os.path.join(data_dir, "meta.pkl")):
         try:
             result["in_vocab"] = in_vocab(texts, train_words(data_dir))

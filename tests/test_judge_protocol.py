@@ -179,3 +179,33 @@ def test_protocol_errors_and_quality():
     q = J.quality(TEXTS, IDS, judge, protocol="mdlm", max_length=8)
     assert q["protocol"] == "mdlm" and q["tokens"] == 11 and "entropy" in q
     assert J.quality(TEXTS, IDS, judge)["protocol"] == "pooled"
+
+
+def test_entropy_unit_follows_the_protocol(tmp_path, capsys):
+    """The papers report sample entropy in nats (torch.special.entr); this repo's default is bits. By hand:
+    [a, a, b, c] has p = (1/2, 1/4, 1/4), H = 1.5 bits = 1.5 ln 2 = 1.03972 nats; [c, c] has H = 0; the mean over the
+    two samples is 0.75 bits = 0.51986 nats. quality and evaluate.py --samples name the unit."""
+    ids = [[A, A, B, C], [C, C]]
+    texts = ["aabc", "cc"]
+    q = J.quality(texts, ids, MarkovJudge())
+    assert q["entropy_unit"] == "bits" and q["entropy"] == pytest.approx(0.75, abs=1e-12)
+    q = J.quality(texts, ids, MarkovJudge(), protocol="mdlm")
+    assert q["entropy_unit"] == "nats" and q["entropy"] == pytest.approx(0.75 * math.log(2), abs=1e-12)
+    assert J.unigram_entropy([[A, A, B, C]], "nats") == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(4))
+    assert "\n" not in str(pytest.raises(UserError, J.unigram_entropy, ids, "dits").value)
+    import json
+
+    import evaluate
+    from conftest import call_main
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("".join(json.dumps({"text": t, "ids": i}) + "\n" for t, i in zip(texts, ids)))
+    judge = MarkovJudge()
+    for protocol, unit, value in (("pooled", "bits", 0.75), ("mdlm", "nats", 0.75 * math.log(2))):
+        import unittest.mock
+        with unittest.mock.patch("judge.load_judge", lambda *a, **k: judge):
+            result = call_main(evaluate, ["--samples", samples, "--judge", "markov", "--protocol", protocol])
+            assert f"unigram entropy {value:.3f} {unit}" in capsys.readouterr().out
+            call_main(evaluate, ["--samples", samples, "--judge", "markov", "--protocol", protocol, "--json"])
+            out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["entropy_unit"] == out["entropy_unit"] == unit
+        assert out["entropy"] == pytest.approx(value, abs=1e-12)
