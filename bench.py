@@ -28,6 +28,7 @@ Modes:
           of --suite_configs at its published size with torch.compile and bf16 on and off, a 1-process
           torchrun (NCCL) training run, sampling speed; with the hub, the papers' published checkpoints
           (convert.py) on --published_zero_shot. One JSON line each; failures are JSON lines too.
+  sample_memory  peak memory of one sampling call beyond a forward pass, in float32 logits, at K = 50258 (see the function)
 """
 import json
 import math
@@ -305,6 +306,59 @@ def bench_suite(config, dev):
     emit({"bench": "suite", "jobs": len(jobs), "failed": failures, "seconds": suite_seconds - (deadline - time.time())})
 
 
+def bench_sample_memory(config, dev, child=None):
+    """Peak memory of one sampling call beyond a plain forward pass, in units of the float32 logits, at GPT-2's
+    K: a tiny DiT (n_embed 64, 1 block; MDLM with vocab 50257 + mask, Duo with vocab 50258), 2 rows x 1024
+    positions all masked, one network call per sampler. Each peak is a fresh child process (ru_maxrss is per
+    process; MALLOC_MMAP_THRESHOLD_=65536 returns freed memory; CUDA: max_memory_allocated): (a) model.logits
+    on the input, (b) one model.sample call; ratio = (b - a) / logits size. The config is not used."""
+    families = {"mdlm": ("mdlm_tiny", 50257), "duo": ("duo_tiny", 50258)}
+    cases = {"mdlm_confidence": dict(sampler="confidence", steps=1),
+             "mdlm_confidence_margin": dict(sampler="confidence", score="margin", steps=1),
+             "mdlm_ancestral": dict(steps=1), "mdlm_ancestral_top_p0.9": dict(steps=1, top_p=0.9),
+             "mdlm_remask": dict(sampler="remask", steps=1), "duo_ancestral": dict(steps=1)}
+    B, L = 2, 1024
+    if child is not None:  # one measurement: "FAMILY:forward" or "CASE:sample"
+        name, what = child.split(":")
+        family, V = families[name.split("_")[0]]
+        model_cls, model_args, _ = getattr(configs, family)()
+        torch.manual_seed(seed)
+        model = model_cls(**dict(model_args, vocab_size=V, n_embed=64, n_heads=2, n_blocks=1, dropout=0.0))
+        model = model.to(dev).eval()
+        x = torch.full((B, L), model.mask_id, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        with torch.no_grad():
+            if what == "forward":  # Duo's network reads tokens (its sampler starts from random ones), MDLM's the masks
+                inp = torch.randint(V, (B, L), device=dev, generator=gen) if name == "duo" else x
+                model.logits(inp, torch.ones(B, dtype=torch.float64, device=dev))
+            else:
+                model.sample(x, generator=gen, **cases[name])
+        sync(dev)
+        emit({"peak_MB": peak_memory_mb(dev)})
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+
+    def measure(what):
+        code = f"import bench, torch; bench.bench_sample_memory(None, torch.device({str(dev)!r}), child={what!r})"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sample_memory {what}: {(proc.stderr.strip().splitlines() or ['exit'])[-1]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])["peak_MB"]
+
+    forward = {name: measure(f"{name}:forward") for name in families}
+    for name, opts in cases.items():
+        family = name.split("_")[0]
+        K = families[family][1] + (family == "mdlm")  # MDLM's output has the mask class too
+        logits_mb = B * L * K * 4 / 2**20
+        peak = measure(f"{name}:sample")
+        emit({"bench": "sample_memory", "sampler": name, "device": str(dev), "rows": B, "positions": L, "K": K,
+              "opts": opts, "logits_MB": logits_mb, "forward_peak_MB": forward[family], "sample_peak_MB": peak,
+              "ratio": (peak - forward[family]) / logits_mb})
+
+
 SAMPLERS = {  # quality: name -> model.sample options
     "ancestral": {}, "top_p0.9": dict(top_p=0.9), "temp0.8": dict(temperature=0.8),
     "confidence": dict(sampler="confidence"), "confidence_max": dict(sampler="confidence", score="max"),
@@ -405,7 +459,7 @@ def main(argv):
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     runs = {"train": bench_train, "sample": bench_sample, "eval": bench_eval,
-            "suite": bench_suite, "quality": bench_quality}
+            "suite": bench_suite, "quality": bench_quality, "sample_memory": bench_sample_memory}
     if mode != "all" and mode not in runs:
         raise UserError(f"--mode={mode}: expected one of all, " + ", ".join(runs))
     for name in (["train", "sample", "eval"] if mode == "all" else [mode]):
