@@ -113,13 +113,20 @@ class D3PMAbsorbing(nn.Module):
         return f"{self.T}-step bound"
 
     def batch_bound(self, x0, offset, generator=None, T=None):
-        """One unbiased, stratified estimate of L_T (nats/token, float64 0-dim) from a (B, L) batch, B >= 2;
-        offset U in [0, 1). Row 0 is scored at t = 0 (the reconstruction term, weight 1); rows i = 1..B-1 at
+        """One unbiased, stratified estimate of L_T (nats/token, float64 0-dim) from a (B, L) batch; offset U in
+        [0, 1). B >= 2: row 0 is scored at t = 0 (the reconstruction term, weight 1); rows i = 1..B-1 at
         t_i = 1 + floor((i - 1 + U)(T - 1)/(B - 1)): every stratum of {1..T-1} once, each t_i uniform in
-        its stratum, so (T - 1) mean_i kl_{t_i} + ce_0 has expectation L_T. T: only the model's own."""
+        its stratum, so (T - 1) mean_i kl_{t_i} + ce_0 has expectation L_T. B = 1: the row takes t = floor(U T),
+        uniform on {0..T-1}, and scores T ce_0 (t = 0) or T kl_t, whose expectation is ce_0 + sum_t kl_t = L_T.
+        T: only the model's own."""
         if T not in (None, self.T):
             raise ValueError(f"the D3PM's bound has its own T = {self.T}; --T applies to continuous-time models")
         B, T = x0.shape[0], self.T
+        if B == 1:
+            t = torch.full((1,), min(int(offset * T), T - 1), dtype=torch.long, device=x0.device)
+            x_noisy = self.q_sample(x0, t + 1, generator)
+            kl, ce = self.loss_terms(self.logits(x_noisy, t + 1), x0, x_noisy, t)
+            return T * (ce if int(t) == 0 else kl).double().mean()
         i = torch.arange(B - 1, device=x0.device, dtype=torch.float64)
         t_kl = 1 + torch.floor((i + offset) / (B - 1) * (T - 1)).long().clamp(max=T - 2)
         t = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), t_kl])

@@ -202,3 +202,23 @@ def test_zero_shot_under_torchrun_equals_one_process(setup, tiny_bpe):
     assert len(lines) == 1  # rank 0 alone prints
     row = json.loads(lines[0])["zero_shot"][0]
     assert row["windows"] == windows and row["bpt"] == pytest.approx(bits, abs=2e-5)
+
+
+def test_a_set_of_one_window_gives_a_finite_d3pm_bound(setup, tmp_path, tiny_bpe, capsys):
+    """A zero-shot set with one window is one batch of one row: the D3PM's estimate is finite (no NaN)."""
+    from d3pm import D3PMAbsorbing
+    _, data_dir, _, _, _ = setup
+    args = dict(vocab_size=tiny_bpe.n_vocab, n_embed=32, n_heads=2, n_blocks=1, n_cond=16, dropout=0.0, T=8,
+                lambda_ce=0.05)
+    ckpt = tmp_path / "d3pm.pt"
+    torch.save({"model": randomize_weights(D3PMAbsorbing(**args), seed=4).state_dict(), "model_cls": "D3PMAbsorbing",
+                "model_args": args, "training_args": {"dataset": "mine", "seq_len": L}}, ckpt)
+    text = " ".join(WORDS[:5])  # 14 to 27 tokens: one window of L - 2 = 14
+    assert L - 2 <= len(tiny_bpe.encode_ordinary(text)) < 2 * (L - 2)
+    one = tmp_path / "one" / "validation.jsonl"
+    one.parent.mkdir()
+    one.write_text(json.dumps({"text": text}) + "\n")
+    call_main(evaluate, [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
+                         "--data_files", f"wikitext2={one}", "--json"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"][0]
+    assert row["windows"] == 1 and math.isfinite(row["bpt"]) and row["bpt"] > 0 and row["se"] is None
