@@ -228,6 +228,20 @@ def ddp_shutdown():
 
 
 # ---- training ----------------------------------------------------------------------------------------
+def rng_states(dev):
+    """The global torch RNG states a training step draws from: the CPU generator's, and on CUDA the device's
+    (uint8 tensors; empty off CUDA). train.py and distill.py save them in every checkpoint."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.tensor([], dtype=torch.uint8)}
+
+
+def set_rng_states(state, dev):
+    """Restore rng_states(dev): a resumed run continues the very streams it had (bit-identical)."""
+    torch.set_rng_state(state["torch"])
+    if dev.type == "cuda" and state.get("cuda") is not None and state["cuda"].numel():
+        torch.cuda.set_rng_state(state["cuda"], dev)
+
+
 class EMA:
     """Exponential moving average of a model's weights, in the nanoDD checkpoint layout
     (`initted`, `step`, `ema_model.<key>`). Decay warms up as 1 - 1/(1 + n) up to beta, n counting
@@ -360,6 +374,15 @@ def download_published(repo_id):
         except Exception:
             continue
     raise UserError(f"{repo_id}: neither model.safetensors nor pytorch_model.bin could be downloaded")
+
+
+def compile_network(model, backend="inductor"):
+    """torch.compile the model's network in place (nn.Module.compile: the weights keep their names), not the
+    sampler or estimator around it, whose generator draws and Python control flow would break the graph. Shapes
+    that change between calls (first-hitting samplers call on fewer rows as they go) cost a recompile each, at
+    most a few. Returns the model."""
+    model.net.compile(backend=backend)
+    return model
 
 
 def open_model(spec, ema, dev):

@@ -22,7 +22,6 @@ Under torchrun every rank draws its own batches and the gradients are averaged (
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from common import (EMA, UserError, all_reduce, atomic_save, comm_buffer, ddp_shutdown, default_dataset, open_model,
-                    open_split, random_windows, start_processes)
+                    open_split, random_windows, rng_states, set_rng_states, start_processes)
 from families import read_checkpoint
 
 def parse_args(argv):
@@ -130,8 +129,8 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         it = state["iter_num"]
         rngs = state["rng"]
-        if len(rngs) == world:  # one process: the very stream it had (bit-identical)
-            torch.set_rng_state(rngs[rank]["torch"])
+        if len(rngs) == world:  # one process: the very streams it had (bit-identical), CUDA's too (as train.py)
+            set_rng_states(rngs[rank], dev)
             rng.bit_generator.state = rngs[rank]["numpy"]
         else:  # torchrun: fresh streams, not a replay of the first iterations'
             rng = np.random.default_rng([args.seed, rank, it])
@@ -147,7 +146,7 @@ def main(argv=None):
     def save():
         if rank != 0:
             return
-        rngs = [{"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}]  # kept with one process only
+        rngs = [{**rng_states(dev), "numpy": rng.bit_generator.state}]  # kept with one process only
         atomic_save({"model": student.state_dict(), "ema": ema.state_dict(), "teacher": teacher.state_dict(),
                      "optimizer": optimizer.state_dict(), "model_cls": meta["model_cls"],
                      "model_args": meta["model_args"], "training_args": trained, "iter_num": it,
@@ -156,7 +155,15 @@ def main(argv=None):
 
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total, initial=it, disable=rank != 0, desc="distill", dynamic_ncols=True)
-    t0, losses = time.time(), []
+    t0, first_logged = time.time(), it
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device: one host sync per log line
+    finite = torch.ones((), dtype=torch.bool, device=dev)
+
+    def check():
+        """The one host sync: raise if any step since the last check had a non-finite loss or gradient."""
+        if not finite.item():
+            raise UserError(f"non-finite loss or gradient between iterations {first_logged + 1} and {it}; lower --lr")
+
     while it < total:
         r, steps = plan[it // args.iters_per_round]
         if it % args.iters_per_round == 0:  # a new round (also when resumed here): the teacher is the student now
@@ -172,22 +179,24 @@ def main(argv=None):
             for p, g in zip(params, grads.split([p.numel() for p in params])):
                 p.grad.copy_(g.view_as(p) / world)
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        if not math.isfinite(loss.item()) or not math.isfinite(norm.item()):
-            raise UserError(f"non-finite loss or gradient at iteration {it + 1}; lower --lr")
+        finite &= torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        loss_sum += loss.detach()
         optimizer.step()
         ema.update()
         it += 1
-        losses.append(loss.item())
         bar.update(1)
         if it % args.log_interval == 0 or it == total:
+            check()
             record = {"iter": it, "round": r, "teacher_steps": steps, "student_steps": steps // 2,
-                      "loss": sum(losses) / len(losses), "seconds": time.time() - t0}
+                      "loss": loss_sum.item() / (it - first_logged), "seconds": time.time() - t0}
             bar.set_postfix_str(f"round {r} ({steps} -> {steps // 2} steps) loss {record['loss']:.4f}")
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            losses = []
+            loss_sum.zero_()
+            first_logged = it
         if it % args.ckpt_interval == 0 or it % args.iters_per_round == 0:
+            check()
             save()
     bar.close()
     say(f"done: a {plan[-1][1] // 2}-step student in {ckpt_path}: python sample.py {ckpt_path} --steps {plan[-1][1] // 2}")

@@ -19,6 +19,7 @@ arguments (its `model_args`, stored in every checkpoint), with:
                       call, stratified over the batch by offset in [0, 1); evaluate.py averages them.
                       T = N: the bound of an N-step sampler instead; a family whose bound has no such
                       variant raises ValueError
+                      first_given=True (optional; passed only to a family that takes it): x0[:, 0] given, not scored
     bound_name(T=None) -> str                   what batch_bound estimates, for the printout
     sample(x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", **opts)
                                                 -> (samples, network calls)
@@ -77,9 +78,11 @@ def read_checkpoint(path, map_location="cpu"):
 
 def load_checkpoint(path, ema=True, map_location="cpu"):
     """The model stored in a checkpoint of any family, with its EMA weights (default) or raw weights, in eval
-    mode on map_location. The rest of the checkpoint (without weights) is on model.checkpoint_meta, for
-    callers that want model_args / training_args / iter_num."""
-    ckpt = read_checkpoint(path, map_location)
+    mode on map_location. The checkpoint is read into CPU memory and only the model moves to map_location
+    (a last.pt also holds the optimizer's moments, the other weights and RNG states: 4x the weights).
+    The rest of the checkpoint (without weights) is on model.checkpoint_meta, for callers that want
+    model_args / training_args / iter_num."""
+    ckpt = read_checkpoint(path, "cpu")
     model = FAMILIES[ckpt["model_cls"]](**ckpt["model_args"])
     state = ckpt["model"]
     if ema:

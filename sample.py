@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from common import UserError, default_dataset, load_codec, open_model, pick_device
+from common import UserError, compile_network, default_dataset, load_codec, open_model, pick_device
 from configs import parse_value
 from sampling import generate_long
 
@@ -135,6 +135,10 @@ def main(argv=None):
     p.add_argument("--stop_at_eos", action="store_true", help="BPE: cut each sample at its first end-of-text")
     p.add_argument("--no_kv_cache", dest="cache", action="store_false", help="for comparison: block diffusion "
                    "re-reads the history at every call, the other models call the network at every step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (not the sampler loop); "
+                   "pays once its compile time, so for many or long samples")
+    p.add_argument("--compile_backend", default="inductor", help="with --compile: inductor (default) or aot_eager "
+                   "(no code generation: a quick check)")
     p.add_argument("--out", default=None, help="also write the samples to this file (JSON lines: text, ids), "
                    "for evaluate.py --samples")
     p.add_argument("--json", action="store_true", help="print one JSON object with samples and timings")
@@ -152,6 +156,8 @@ def main(argv=None):
 
     dev = pick_device(args.device)
     model = open_model(args.ckpt, args.ema, dev)
+    if args.compile:
+        compile_network(model, args.compile_backend)
     vocab = model.vocab_size
     trained = model.checkpoint_meta.get("training_args", {})
     dataset = args.dataset or trained.get("dataset") or default_dataset(vocab)

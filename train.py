@@ -27,7 +27,8 @@ import torch
 
 import configs
 from common import (EMA, UserError, all_gather, all_reduce, atomic_save, check_length, comm_buffer,
-                    dataset_vocab_size, ddp_shutdown, newest_checkpoint, open_split, start_processes)
+                    dataset_vocab_size, ddp_shutdown, newest_checkpoint, open_split, rng_states, set_rng_states,
+                    start_processes)
 from families import FAMILIES
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
@@ -183,8 +184,8 @@ RNG_KEYS = ("torch", "data", "cuda")
 
 
 def rng_state(data_gen, dev):
-    return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.tensor([], dtype=torch.uint8)}
+    """common.rng_states (torch, cuda) and the batch generator's state (data)."""
+    return {**rng_states(dev), "data": data_gen.get_state()}
 
 
 def gather_rng_states(data_gen, dev, bufs):
@@ -200,10 +201,8 @@ def gather_rng_states(data_gen, dev, bufs):
 
 
 def set_rng_state(state, data_gen, dev):
-    torch.set_rng_state(state["torch"])
+    set_rng_states(state, dev)
     data_gen.set_state(state["data"])
-    if dev.type == "cuda" and state["cuda"].numel():
-        torch.cuda.set_rng_state(state["cuda"], dev)
 
 
 # ---- a run: resume, processes, evaluation, checkpoints, signals ------------------------------------------
@@ -445,12 +444,13 @@ def main(argv):
             iter_num += 1
             tokens_since, steps_since = tokens_since + tokens_per_iter, steps_since + 1
             # one host sync per step: is the gradient finite, and was any rank asked to stop? (The gradient
-            # is all-reduced already, so every rank takes the same decisions.)
-            status = torch.stack([torch.isfinite(grad_norm).logical_not().float(),
-                                  torch.tensor(float(len(signals)), device=dev)])
+            # is all-reduced already, so every rank takes the same decisions.) No tensor is built from host data.
             if ddp:
-                status = all_reduce(bufs["status"].copy_(status), "max")
-            bad, stop = status.tolist()
+                bufs["status"][0].copy_(torch.isfinite(grad_norm).logical_not())
+                bufs["status"][1].fill_(len(signals))
+                bad, stop = all_reduce(bufs["status"], "max").tolist()
+            else:
+                bad, stop = not torch.isfinite(grad_norm).item(), bool(signals)
             if not bad:
                 optimizer.step()
                 ema.update()
