@@ -51,11 +51,18 @@ class AR(nn.Module):
     def bound_name(self, T=None):
         return "exact NLL"
 
-    def batch_bound(self, x0, offset=0.0, generator=None, T=None):
-        """The exact NLL (nats/token, float64 0-dim) of a (B, L) batch; deterministic. T: not applicable."""
+    def batch_bound(self, x0, offset=0.0, generator=None, T=None, first_given=False):
+        """The exact NLL (nats/token, float64 0-dim) of a (B, L) batch; deterministic. T: not applicable.
+        first_given=True: x^0 of each window is given (a BOS) and not scored, as the papers' AR baseline scores
+        windows (MDLM diffusion.py: input x[:, :-1], targets x[:, 1:]): the mean of -log p(x^i | s, x^{<i}) over
+        i = 1..L-1, i.e. (-log p(x) + log p(x^0)) / (L - 1)."""
         if T is not None:
             raise ValueError("the autoregressive model's NLL is exact; --T applies to continuous-time models")
+        if first_given and x0.shape[1] < 2:
+            raise ValueError("first_given: a window of one token has nothing to score")
         logits = self.shifted_logits(x0)
+        if first_given:
+            logits, x0 = logits[:, 1:], x0[:, 1:]
         return CrossEntropy.apply(logits.flatten(0, 1), x0.flatten()).double().mean()
 
     @torch.no_grad()

@@ -19,7 +19,9 @@ detokenizers and wrapping into windows of the model's length, each framed by BOS
 windows of each dataset, in shuffled batches, printed as a table of bits/token and perplexity with 95% intervals.
 The interval comes from the spread of the batch estimates, so it covers the Monte-Carlo error of the bound and
 the variation between windows (it is conservative for the fixed test set). Every token of a window is scored,
-BOS and EOS included, as MDLM's evaluation does (BD3-LM's skips the first token).
+BOS and EOS included, as MDLM's evaluation scores its diffusion models (BD3-LM's skips the first token); with
+--protocol mdlm a model that can condition on it (the autoregressive one) is given the first token and scores the
+other L - 1, as the papers' AR baseline (MDLM diffusion.py: input x[:, :-1], targets x[:, 1:]).
 
 With --samples FILE --judge JUDGE it scores generated text instead (judge.py): generative perplexity
 and bits/token under an autoregressive judge (pooled over all tokens by default; --protocol mdlm: the
@@ -27,6 +29,7 @@ papers' rule), the mean unigram entropy of each sample (bits; nats under --proto
 for character corpora the share of generated words found in the training split.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -68,10 +71,13 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
 
 
 @torch.no_grad()
-def estimate_windows(model, windows, batch_size, seed=0, rank=0, world_size=1, max_batches=0, T=None, progress=None):
+def estimate_windows(model, windows, batch_size, seed=0, rank=0, world_size=1, max_batches=0, T=None, progress=None,
+                     first_given=False):
     """One pass over fixed windows (N, L): shuffled (seed) into N // batch_size batches of batch_size to
-    2 batch_size - 1 windows, each scored once by model.batch_bound (bits/token); max_batches > 0 keeps only
-    the first ones. Under torchrun rank r takes batches r, r + W, ... Returns (estimates, sizes) of all."""
+    2 batch_size - 1 windows, each scored once by model.batch_bound (bits/token; first_given=True is passed on,
+    see families.py); max_batches > 0 keeps only the first ones. Under torchrun rank r takes batches r, r + W, ...
+    Returns (estimates, sizes) of all."""
+    given = {"first_given": True} if first_given else {}
     dev = next(model.parameters()).device
     order = np.random.default_rng(seed).permutation(len(windows))
     batches = np.array_split(order, max(1, len(windows) // batch_size))[:max_batches or None]
@@ -85,7 +91,7 @@ def estimate_windows(model, windows, batch_size, seed=0, rank=0, world_size=1, m
         if first + rank < len(batches):
             x0 = torch.from_numpy(windows[batches[first + rank]]).to(dev)
             offset = float(torch.rand((), generator=gen, device=dev))
-            mine[0] = model.batch_bound(x0, offset, gen, T=T) / math.log(2)
+            mine[0] = model.batch_bound(x0, offset, gen, T=T, **given) / math.log(2)
             mine[1] = len(x0)
         rows = all_gather(everyone, send.copy_(mine)) if world_size > 1 else [mine]
         for row in rows:
@@ -107,8 +113,15 @@ def weighted_summary(estimates, sizes):
 
 
 def zero_shot_main(args, model, rank, world_size):
-    """evaluate.py CKPT --zero_shot NAMES: the table of the papers' zero-shot suite."""
+    """evaluate.py CKPT --zero_shot NAMES: the table of the papers' zero-shot suite. --protocol pooled scores every
+    token of a window (comparable with the diffusion bounds); mdlm scores as the papers: a family whose batch_bound
+    takes first_given (the autoregressive model) is given each window's first token (the BOS) and scores L - 1."""
     import zeroshot
+    if args.protocol not in ("pooled", "mdlm"):
+        raise UserError(f"unknown protocol {args.protocol!r} (known: pooled, mdlm)")
+    first_given = args.protocol == "mdlm" and "first_given" in inspect.signature(model.batch_bound).parameters
+    scored = (f"{args.protocol} protocol: the first token of each window given, not scored (the papers' AR rule)"
+              if first_given else f"{args.protocol} protocol: every token of each window scored")
     trained = model.checkpoint_meta.get("training_args", {})
     codec = load_codec(model.vocab_size, trained.get("dataset") or default_dataset(model.vocab_size),
                        args.data_dir or None)
@@ -129,28 +142,30 @@ def zero_shot_main(args, model, rank, world_size):
             progress = tqdm(desc=name, unit="batch", dynamic_ncols=True, mininterval=0.5, disable=None)
         try:
             estimates, sizes = estimate_windows(model, windows, args.batch_size, args.seed, rank, world_size,
-                                                args.max_batches, args.T, progress)
+                                                args.max_batches, args.T, progress, first_given)
         finally:
             if progress is not None:
                 progress.close()
         bpt, se = weighted_summary(estimates, sizes)
         lo, hi = bpt - 1.96 * se, bpt + 1.96 * se
-        rows.append({"dataset": name, "documents": docs, "windows": int(sum(sizes)), "tokens": int(sum(sizes)) * seq_len,
+        rows.append({"dataset": name, "documents": docs, "windows": int(sum(sizes)),
+                     "tokens": int(sum(sizes)) * (seq_len - first_given),
                      "bpt": bpt, "se": se if math.isfinite(se) else None, "ppl": 2 ** bpt,
                      "ppl95": [2 ** lo, 2 ** hi] if math.isfinite(se) else None})
     if rank == 0:
         if args.json:
             print(json.dumps({"model": type(model).__name__, "bound": model.bound_name(args.T), "seq_len": seq_len,
-                              "zero_shot": rows}))
+                              "protocol": args.protocol, "first_given": first_given, "zero_shot": rows}))
         else:
             print(f"zero-shot {model.bound_name(args.T)}, windows of {seq_len} tokens"
-                  f"{'' if args.no_frame else ' (BOS/EOS included)'}")
+                  f"{'' if args.no_frame else ' (BOS/EOS included)'}; {scored}")
             print(f"{'dataset':<12} {'docs':>8} {'tokens':>11} {'bits/token':>18} {'perplexity':>10}  95% interval")
             for r in rows:
                 interval = f"{r['ppl95'][0]:.2f}..{r['ppl95'][1]:.2f}" if r["ppl95"] else "n/a"
                 print(f"{r['dataset']:<12} {r['documents']:>8} {r['tokens']:>11} {r['bpt']:>9.4f} \u00b1 "
                       f"{r['se'] if r['se'] is not None else float('nan'):.4f} {r['ppl']:>10.2f}  {interval}")
-    return {"zero_shot": rows, "seq_len": seq_len, "model": type(model).__name__}
+    return {"zero_shot": rows, "seq_len": seq_len, "model": type(model).__name__, "protocol": args.protocol,
+            "first_given": first_given}
 
 
 def summarize(estimates):
@@ -212,7 +227,9 @@ def main(argv=None):
                    "output) under --judge")
     p.add_argument("--judge", default="", help="with --samples: an autoregressive checkpoint of this repo, or "
                    "gpt2 / gpt2-medium / gpt2-large / gpt2-xl (Hugging Face weights)")
-    p.add_argument("--protocol", default="pooled", help="with --samples: pooled (this repo's rule: every token "
+    p.add_argument("--protocol", default="pooled", help="with --zero_shot: pooled (every token of a window scored) "
+                   "or mdlm (the papers': an autoregressive model is given each window's first token and scores L - 1; "
+                   "the diffusion models score all L). With --samples: pooled (this repo's rule: every token "
                    "scored once, sliding windows) or mdlm (the papers': see judge.py)")
     p.add_argument("--zero_shot", default="", help="the papers' zero-shot suite instead of --split, a comma list of "
                    "ptb, wikitext103, wikitext2, lm1b, lambada, ag_news, pubmed, arxiv, or all (zeroshot.py); "

@@ -210,3 +210,22 @@ def test_training_forward_traces_as_one_graph():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     torch._dynamo.reset()
+
+
+def test_first_given_scores_positions_1_to_L_minus_1(model):
+    """first_given=True (the papers' AR rule: the window's first token, a BOS, is given): the bound is the mean of
+    -log p(x^i | x^{<i}) over i = 1..L-1 of the chain-rule oracle, i.e. (-log p(x) + log p(x^0)) / (L - 1); a one-row
+    batch gives that row's; the default still pays for all L tokens; a window of one token is a ValueError."""
+    x = all_seqs(4)
+    oracle = chain_rule(model, x)
+    with torch.no_grad():
+        given = model.batch_bound(x, 0.3, None, first_given=True)
+        full = model.batch_bound(x, 0.3, None)
+        row = model.batch_bound(x[5:6], 0.0, None, first_given=True)
+    assert given.dtype == torch.float64 and given.dim() == 0
+    by_hand = -sum(float(oracle[:, i].sum()) for i in range(1, 4)) / (len(x) * 3)
+    assert given.item() == pytest.approx(by_hand, abs=2e-5)
+    assert row.item() == pytest.approx(-float(oracle[5, 1:].sum()) / 3, abs=2e-5)
+    assert full.item() == pytest.approx(-oracle.mean().item(), abs=2e-5) and abs(full.item() - given.item()) > 1e-3
+    with pytest.raises(ValueError, match="one token"):
+        model.batch_bound(x[:, :1], 0.0, None, first_given=True)

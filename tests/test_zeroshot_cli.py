@@ -222,3 +222,62 @@ def test_a_set_of_one_window_gives_a_finite_d3pm_bound(setup, tmp_path, tiny_bpe
                          "--data_files", f"wikitext2={one}", "--json"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"][0]
     assert row["windows"] == 1 and math.isfinite(row["bpt"]) and row["bpt"] > 0 and row["se"] is None
+
+
+def expected_bits_first_given(model, docs, enc):
+    """The papers' AR rule over the windows built here: each window's first token (BOS) is given; the mean over
+    windows of sum_{i=1}^{L-1} -log p(x_i | s, x_<i) from one network call per prefix, divided by L - 1."""
+    eot, n = enc.eot_token, L - 2
+    stream = [t for d in docs for t in enc.encode_ordinary(d)]
+    windows = [[eot] + stream[i:i + n] + [eot] for i in range(0, len(stream) - n + 1, n)]
+    total = 0.0
+    with torch.no_grad():
+        for w in windows:
+            for i in range(1, L):
+                inp = torch.tensor([[model.mask_id] + w[:i]])
+                logp = model.net(inp, torch.zeros(1))[0, -1, :model.vocab_size].double().log_softmax(-1)
+                total -= float(logp[w[i]])
+    return total / (len(windows) * (L - 1)) / math.log(2), len(windows)
+
+
+def test_protocol_mdlm_gives_the_ar_model_its_first_token(setup, tiny_bpe, capsys):
+    """--zero_shot --protocol mdlm: the AR row scores L - 1 tokens of each window (the BOS given), as the papers'
+    AR baseline, against a by-hand chain rule; the header and the JSON say which protocol; the default pays for all
+    L tokens."""
+    ckpt, data_dir, wiki, docs, model = setup
+    base = [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
+            "--data_files", f"wikitext2={wiki}", "--batch_size", "4"]
+    bits, windows = expected_bits_first_given(model, docs, tiny_bpe)
+    call_main(evaluate, base + ["--protocol", "mdlm", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = out["zero_shot"][0]
+    assert out["protocol"] == "mdlm" and out["first_given"] is True
+    assert row["windows"] == windows and row["tokens"] == windows * (L - 1)
+    assert row["bpt"] == pytest.approx(bits, abs=2e-5)
+    call_main(evaluate, base + ["--protocol", "mdlm"])
+    assert "the first token of each window given, not scored" in capsys.readouterr().out
+    call_main(evaluate, base)
+    assert "every token of each window scored" in capsys.readouterr().out
+    default = call_main(evaluate, base + ["--json"])
+    assert default["first_given"] is False and default["zero_shot"][0]["tokens"] == windows * L
+    assert default["zero_shot"][0]["bpt"] == pytest.approx(expected_bits(model, docs, tiny_bpe)[0], abs=2e-5)
+    with pytest.raises(UserError, match="protocol"):
+        call_main(evaluate, base + ["--protocol", "bd3lm"])
+
+
+def test_protocol_mdlm_scores_every_token_of_a_diffusion_model(setup, tmp_path, tiny_bpe, capsys):
+    """A family whose batch_bound takes no first_given (the diffusion bounds) scores every token under --protocol mdlm
+    too, as the papers score their diffusion models: the same estimate as the default, and the header says so."""
+    from d3pm import D3PMAbsorbing
+    _, data_dir, wiki, _, _ = setup
+    args = dict(vocab_size=tiny_bpe.n_vocab, n_embed=32, n_heads=2, n_blocks=1, n_cond=16, dropout=0.0, T=8,
+                lambda_ce=0.05)
+    ckpt = tmp_path / "d3pm.pt"
+    torch.save({"model": randomize_weights(D3PMAbsorbing(**args), seed=4).state_dict(), "model_cls": "D3PMAbsorbing",
+                "model_args": args, "training_args": {"dataset": "mine", "seq_len": L}}, ckpt)
+    base = [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
+            "--data_files", f"wikitext2={wiki}", "--batch_size", "4"]
+    mdlm = call_main(evaluate, base + ["--protocol", "mdlm"])
+    assert "mdlm protocol: every token of each window scored" in capsys.readouterr().out
+    pooled = call_main(evaluate, base)
+    assert mdlm["first_given"] is False and mdlm["zero_shot"] == pooled["zero_shot"]
