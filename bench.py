@@ -18,7 +18,9 @@ Modes:
   sample  tokens/s and network calls of the model's sampler (first-hitting / KV cache) vs the same
           sampler calling the network at every step, or block diffusion re-reading its history at every call
           (cache=False; identical samples, checked: "identical"). --seq_len beyond the training length works
-          for block diffusion (the context slides).
+          for block diffusion (the context slides). --compile=True: the fast sampler again with the network
+          compiled (common.compile_network, as sample.py --compile): its first call's seconds (with compilation),
+          a second call's, and whether its samples are identical.
   eval    network calls needed to reach --target_se with evaluate.py's stratified estimator
           (model.batch_bound) vs the training-time estimate (forward's metrics["bound"], independent
           random times), from the spread of --eval_batches per-batch estimates of each.
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 
 import configs
-from common import UserError, hub_online, load_codec, open_model, open_split, pick_device
+from common import UserError, compile_network, hub_online, load_codec, open_model, open_split, pick_device
 from convert import PUBLISHED
 
 CONFIG_NAMES = configs.NAMES
@@ -55,7 +57,8 @@ seq_len = 0  # 0: the config's
 vocab_size = 0  # 0: the config's (e.g. 50257 to bench the BPE output layer on a small model)
 steps = 10  # timed training steps
 warmup = 3  # untimed steps first (compilation happens here)
-compile = False  # torch.compile the model (CUDA)
+compile = False  # train: torch.compile the model (CUDA); sample: also time the sampler with the network compiled
+compile_backend = "inductor"  # sample: the backend of --compile (aot_eager: no code generation, a quick check on CPU)
 bf16 = True  # bfloat16 autocast (CUDA)
 device = "auto"
 peak_tflops = 0.0  # 0: detect H100/H200/A100, else no MFU
@@ -67,6 +70,7 @@ eval_batch_size = 32
 target_se = 0.01
 seed = 0
 suite_configs = "d3pm_text8,mdlm_text8,ar_text8,bd3lm_text8,d3pm_openwebtext_8gpu"  # suite: the families at published size
+SUITE_DEFAULT = suite_configs
 suite_seconds = 450  # suite: the deadline for the whole list; each child also has its own timeout
 suite_published = "auto"  # suite: the papers' checkpoints (convert.PUBLISHED): auto (CUDA and hub), on, off, or a list
 published_zero_shot = "wikitext2,ptb,lambada"  # suite: their zero-shot rows (evaluate.py --zero_shot) ...
@@ -187,8 +191,20 @@ def bench_sample(config, dev):
         result.update({f"{name}_seconds": dt, f"{name}_calls": calls, f"{name}_seq_per_s": sample_batch / dt,
                        f"{name}_tokens_per_s": sample_batch * L / dt})
         result[f"{name}_samples"] = samples
-    result["identical"] = bool((result.pop("fast_samples") == result.pop("plain_samples")).all())
+    result["identical"] = bool((result["fast_samples"] == result.pop("plain_samples")).all())
     result["speedup"] = result["plain_seconds"] / result["fast_seconds"]
+    if compile:
+        compile_network(model, compile_backend)
+        for name in ("compiled_first", "compiled"):
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            sync(dev)
+            t0 = time.time()
+            samples, calls = model.sample(x, generator=gen, **opts)
+            sync(dev)
+            result[f"{name}_seconds"] = time.time() - t0
+        result.update(compile=compile_backend, compiled_identical=bool((samples == result["fast_samples"]).all()),
+                      compiled_speedup=result["fast_seconds"] / result["compiled_seconds"])
+    del result["fast_samples"]
     emit(result)
 
 
@@ -241,8 +257,12 @@ def bench_suite(config, dev):
     """Everything only a GPU can show, as one command: every family of --suite_configs at its published size,
     train tokens/s, MFU and peak memory with torch.compile on/off and bf16 on/off (on CPU only the one
     combination that applies), a short 1-process torchrun training run (NCCL on CUDA), and sampling speed.
-    Each measurement is a child process with a timeout, all within --suite_seconds: one JSON line each, and
-    a JSON line with "error" (plus a line on stderr) for anything that fails, times out or is skipped."""
+    Each measurement is a child process with a timeout, all within --suite_seconds: one JSON line each, as each
+    finishes, and a JSON line with "error" (plus a line on stderr) for anything that fails, times out or is skipped.
+    On CUDA a compiled block-diffusion training step runs FlexAttention's forward and backward (bd3lm.py), which
+    no CPU can check; sampling is timed with and without the compiled network, and sample_memory measures the
+    float64 sampling work at K = 50258. Without CUDA the default list becomes the families' tiny configs (said
+    in one line at once): the published sizes would run for minutes on a CPU and show nothing a GPU shows."""
     import pickle
     import tempfile
     deadline = time.time() + suite_seconds
@@ -250,11 +270,20 @@ def bench_suite(config, dev):
     for c in names:
         if c not in CONFIG_NAMES:
             raise UserError(f"--suite_configs: unknown config {c!r}")
+    cuda = dev.type == "cuda"
+    if not cuda and suite_configs == SUITE_DEFAULT:
+        names = list(dict.fromkeys(f"{c.split('_')[0]}_tiny" for c in names))
+        print(f"suite: no CUDA here. This is the GPU check list (published sizes, compile, bf16, NCCL, FlexAttention); "
+              f"running the tiny configs on CPU instead ({','.join(names)}), which checks that each job runs; "
+              f"--suite_configs=... chooses others", file=sys.stderr, flush=True)
     me = [sys.executable, os.path.abspath(__file__)]
-    combos = [(True, True), (False, True), (True, False), (False, False)] if dev.type == "cuda" else [(False, False)]
+    combos = [(True, True), (False, True), (True, False), (False, False)] if cuda else [(False, False)]
     jobs = [("train", c, *combos[0]) for c in names]
-    jobs += [("torchrun", "d3pm_tiny", dev.type == "cuda", True)] * bool(names)
-    jobs += [("train", c, *combo) for combo in combos[1:2] for c in names] + [("sample", c, False, True) for c in names]
+    if cuda and not any(c.startswith("bd3lm") for c in names):  # FlexAttention's backward: only a GPU runs it
+        jobs += [("train", "bd3lm_tiny", True, True)]
+    jobs += [("torchrun", "d3pm_tiny", cuda, True)] * bool(names)
+    jobs += [("train", c, *combo) for combo in combos[1:2] for c in names] + [("sample", c, cuda, True) for c in names]
+    jobs += [("sample_memory", "d3pm_tiny", False, True)]
     jobs += [("train", c, *combo) for combo in combos[2:] for c in names]
     if suite_published == "on" or (suite_published == "auto" and dev.type == "cuda" and hub_online()):
         jobs += [("published", repo_id, False, True) for repo_id in PUBLISHED]
@@ -295,7 +324,9 @@ def bench_suite(config, dev):
                              f"--steps={steps}", f"--warmup={warmup}", f"--sample_batch={sample_batch}"]
                 rc, out, err = run_child(argv, min(left, 240))
                 lines = [line for line in out.splitlines() if line.startswith("{")]
-                if rc == 0 and lines:
+                if rc == 0 and lines:  # a mode may emit several lines (sample_memory: one per sampler)
+                    for line in lines[:-1]:
+                        emit(json.loads(line))
                     record = json.loads(lines[-1])
             if rc != 0 or (kind == "torchrun" and not record["ok"]):
                 failures += 1

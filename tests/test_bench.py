@@ -69,6 +69,16 @@ def test_sample_figures(records):
     assert sample["speedup"] == pytest.approx(sample["plain_seconds"] / sample["fast_seconds"], rel=1e-9)
 
 
+def test_sample_with_the_network_compiled():
+    """--compile=True times the fast sampler again with the network compiled (aot_eager here: no code generation)
+    and checks that it samples the same sequences."""
+    torch._dynamo.reset()
+    (rec,) = run_bench("--mode=sample", "--compile=True", "--compile_backend=aot_eager", "--sample_batch=2")
+    assert rec["compile"] == "aot_eager" and rec["compiled_identical"] is True and rec["identical"] is True
+    assert rec["compiled_speedup"] == pytest.approx(rec["fast_seconds"] / rec["compiled_seconds"], rel=1e-9)
+    assert rec["compiled_first_seconds"] > 0
+
+
 def test_eval_figures(records):
     """Both estimators estimate the same bound on the same batches: their means agree within their
     standard errors; the calls needed for the target standard error follow from each spread."""

@@ -123,9 +123,20 @@ def test_bench_suite_keeps_its_deadline():
     assert rc == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     jobs = records[:-1]
-    assert [r["bench"] for r in jobs] == ["train", "train", "torchrun", "sample", "sample"]
+    assert [r["bench"] for r in jobs] == ["train", "train", "torchrun", "sample", "sample", "sample_memory"]
     assert all("skipped" in r["error"] for r in jobs) and len(err.strip().splitlines()) == len(jobs)
-    assert records[-1] == {**records[-1], "bench": "suite", "jobs": 5, "failed": 5}
+    assert records[-1] == {**records[-1], "bench": "suite", "jobs": 6, "failed": 6}
+
+
+def test_bench_suite_without_cuda_says_so_and_runs_the_tiny_configs():
+    """On a machine without CUDA the default suite (published sizes) would run for minutes and print nothing:
+    it says at once, in one line, that this is the GPU check list, and takes the families' tiny configs."""
+    rc, out, err = run("bench.py", "--mode=suite", "--suite_seconds=0", "--device=cpu")
+    assert rc == 0, err
+    first = err.splitlines()[0]
+    assert first.startswith("suite: no CUDA here") and "GPU check list" in first and "tiny" in first
+    trained = [r["config"] for r in map(json.loads, out.splitlines()) if r["bench"] == "train"]
+    assert trained == ["d3pm_tiny", "mdlm_tiny", "ar_tiny", "bd3lm_tiny"]
 
 
 def test_samples_scored_by_a_judge(runs, capsys, tmp_path):
