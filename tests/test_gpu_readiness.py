@@ -153,3 +153,16 @@ def test_sample_compile_option(tmp_path, capsys):
     eager = capsys.readouterr().out
     call_main(sample, common_args + ["--compile", "--compile_backend", "aot_eager"])
     assert capsys.readouterr().out.split('"seconds"')[0] == eager.split('"seconds"')[0]  # the same samples
+
+
+def test_evaluate_compile_option(tmp_path, tiny_text8):
+    import evaluate
+    from test_distill_cli import write_untrained
+    ckpt = write_untrained(tmp_path / "m.pt", "mdlm_tiny")
+    torch._dynamo.reset()
+    argv = [ckpt, "--data_dir", os.path.join(tiny_text8, "text8"), "--batch_size", "4", "--max_batches", "3",
+            "--device", "cpu", "--json"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        eager = call_main(evaluate, argv)
+        compiled = call_main(evaluate, argv + ["--compile", "--compile_backend", "aot_eager"])
+    assert compiled["bpt"] == pytest.approx(eager["bpt"], rel=1e-5) and compiled["batches"] == 3
