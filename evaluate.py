@@ -38,8 +38,8 @@ import sys
 import numpy as np
 import torch
 
-from common import (UserError, all_gather, check_length, comm_buffer, ddp_shutdown, default_dataset, load_codec,
-                    open_model, open_split, pick_device, random_windows, start_processes)
+from common import (UserError, all_gather, check_length, comm_buffer, compile_network, ddp_shutdown, default_dataset,
+                    load_codec, open_model, open_split, pick_device, random_windows, start_processes)
 
 
 @torch.no_grad()
@@ -258,6 +258,8 @@ def main(argv=None):
     if bool(args.samples) != bool(args.judge):
         raise UserError("--samples and --judge go together: evaluate.py --samples FILE --judge JUDGE")
     if args.samples:
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (not the estimator around it)")
+    p.add_argument("--compile_backend", default="inductor", help="with --compile: inductor (default) or aot_eager")
         return judge_main(args, pick_device(args.device))
     if not args.ckpt:
         raise UserError("give a checkpoint to evaluate (or --samples FILE --judge JUDGE)")
@@ -272,6 +274,8 @@ def main(argv=None):
         except ValueError as e:  # what this model's bound does not offer (--T for a fixed bound)
             raise UserError(str(e))
         finally:
+    if args.compile:
+        compile_network(model, args.compile_backend)
             if ddp:
                 ddp_shutdown()
     trained = model.checkpoint_meta.get("training_args", {})
