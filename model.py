@@ -177,14 +177,14 @@ class DiT(nn.Module):
         self.bf16 = True  # bfloat16 autocast on CUDA (set False for float32/TF32)
 
     def forward(self, x, t, mask=None, positions=None, cache=None, store=True, outputs=None):
-        """x: (B, L) long, or (B, L, K) probability vectors (a soft input, embedded as probs @ vocab_embed: duo.py);
+        """x: (B, L) long, or (B, L, K) probability vectors (a soft input for duo.py, embedded by soft_embed);
         t: (B,) time (float). Returns float32 logits (B, L, K).
         mask: (L, L_keys) bool attention mask, True = may attend (default: full, or causal), or a FlexAttention
         BlockMask; positions: (L,) rotary positions (default 0..L-1 after the cached ones); cache: a KVCache to
         attend to and, with store=True, to extend with this call's keys/values; outputs: a slice of the
         positions to compute logits for (default all)."""
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.bf16 and x.device.type == "cuda"):
-            h = self.vocab_embed(x) if not x.is_floating_point() else x @ self.vocab_embed.weight  # soft input
+            h = self.vocab_embed(x) if not x.is_floating_point() else self.soft_embed(x)
             cond = self.c_embed(t)
             if positions is None:
                 start = len(cache) if cache is not None else 0
@@ -198,6 +198,12 @@ class DiT(nn.Module):
             h = modulate(self.norm_final(h), shift, scale)
             logits = h @ self.vocab_embed.weight.t() if self.output is None else self.output(h)
         return logits.float()
+
+    def soft_embed(self, probs):
+        """probs (B, L, K) @ vocab_embed in float32 even under autocast (as Duo's code): the soft input of duo.py's
+        curriculum then enters the blocks in float32, as the embedding of ids does."""
+        with torch.autocast(device_type=probs.device.type, enabled=False):
+            return probs.float() @ self.vocab_embed.weight.float()
 
 
 class CrossEntropy(torch.autograd.Function):

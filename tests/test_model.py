@@ -426,3 +426,26 @@ def test_training_forward_compiles_as_one_graph():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_hidden_states_enter_the_blocks_in_float32_under_autocast(soft):
+    """Under bf16 autocast (CPU here; DiT.forward's own autocast is CUDA's), ids and a soft input (probs @ embedding,
+    duo.py's curriculum) both give float32 hidden states entering the first block: the soft embedding's matmul runs
+    in float32, as Duo's code does, so the curriculum does not train with a bf16 residual stream. The value is the
+    float64 probs @ embedding to float32 rounding."""
+    net = make_model().net
+    x, t = inputs(ARGS)
+    if soft:
+        x = torch.softmax(3 * torch.randn(*x.shape, ARGS["vocab_size"] + 1, generator=torch.Generator().manual_seed(1)), -1)
+    seen = []
+    hook = net.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x, t)
+    finally:
+        hook.remove()
+    assert seen[0].dtype == torch.float32
+    E = net.vocab_embed.weight.double()
+    want = x.double() @ E if soft else E[x]
+    assert torch.allclose(seen[0].double(), want, rtol=1e-6, atol=1e-6)
