@@ -129,13 +129,15 @@ def zero_shot_main(args, model, rank, world_size):
         raise UserError("--zero_shot needs a model of a BPE vocabulary (GPT-2's, as the papers'): this one reads characters")
     seq_len = args.seq_len or trained.get("seq_len") or 1024
     check_length(model, seq_len)
+    if args.wrap_shards < 1:
+        raise UserError(f"--wrap_shards must be at least 1 (datasets' num_proc), got {args.wrap_shards}")
     data_files = zeroshot.parse_data_files(args.data_files) if args.data_files else {}
     eot = codec.bpe.eot_token
     rows = []
     for name in zeroshot.parse_names(args.zero_shot):
         windows, docs = zeroshot.zero_shot_windows(name, codec.bpe.encode_ordinary, seq_len, eot, eot,
                                                    data_files.get(name), doc_eos=args.doc_eos or None,
-                                                   frame=not args.no_frame)
+                                                   shards=args.wrap_shards, frame=not args.no_frame)
         progress = None
         if rank == 0 and not args.json:
             from tqdm import tqdm
@@ -238,6 +240,10 @@ def main(argv=None):
                    "dataloader default, and openwebtext's always; the released zero-shot scripts turn it off)")
     p.add_argument("--no_frame", action="store_true", help="with --zero_shot: windows of plain text, no BOS/EOS "
                    "around each (BD3-LM's OWT script: insert_valid_special=False)")
+    p.add_argument("--wrap_shards", type=int, default=1, help="with --zero_shot: group the documents as datasets' "
+                   "map(batched=True, num_proc=N) does: N contiguous shards (the first n %% N one document longer), "
+                   "the remainder dropped per 1000-document batch in each; the papers' N was the CPU count of the "
+                   "machine that built their cache (README)")
     p.add_argument("--data_files", default="", help="with --zero_shot: local copies, NAME=PATH[,NAME=PATH] (a file "
                    "or directory as the Hugging Face dataset repo stores it), for offline use")
     p.add_argument("--split", default="test", help="val or test (any SPLIT.npy / SPLIT.bin in --data_dir)")
@@ -252,14 +258,14 @@ def main(argv=None):
     p.add_argument("--no_ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--no-ema", dest="ema", action="store_false", help=argparse.SUPPRESS)  # nanoDD's spelling
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (not the estimator around it)")
+    p.add_argument("--compile_backend", default="inductor", help="with --compile: inductor (default) or aot_eager")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     args = p.parse_args(argv)
     if bool(args.samples) != bool(args.judge):
         raise UserError("--samples and --judge go together: evaluate.py --samples FILE --judge JUDGE")
     if args.samples:
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (not the estimator around it)")
-    p.add_argument("--compile_backend", default="inductor", help="with --compile: inductor (default) or aot_eager")
         return judge_main(args, pick_device(args.device))
     if not args.ckpt:
         raise UserError("give a checkpoint to evaluate (or --samples FILE --judge JUDGE)")
@@ -268,14 +274,14 @@ def main(argv=None):
 
     ddp, rank, world_size, dev = start_processes(args.device)
     model = open_model(args.ckpt, args.ema, dev)
+    if args.compile:
+        compile_network(model, args.compile_backend)
     if args.zero_shot:
         try:
             return zero_shot_main(args, model, rank, world_size)
         except ValueError as e:  # what this model's bound does not offer (--T for a fixed bound)
             raise UserError(str(e))
         finally:
-    if args.compile:
-        compile_network(model, args.compile_backend)
             if ddp:
                 ddp_shutdown()
     trained = model.checkpoint_meta.get("training_args", {})

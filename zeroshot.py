@@ -26,8 +26,13 @@ Windows (`wrap`): each document is tokenized alone (no special tokens); with `do
 appended to it; the documents are concatenated and cut into chunks of L - 2 tokens, each written as [BOS] chunk [EOS]
 (GPT-2: BOS = EOS = <|endoftext|> = 50256). The concatenation happens inside `datasets.map` batches of 1000 documents
 (its default batch size), batch after batch, and the remainder of every batch is dropped; `map(num_proc=N)` first
-splits the documents into N contiguous shards (`shards`; the papers' N is the process's CPU count,
-len(os.sched_getaffinity(0)); BD3-LM's zero-shot jobs ask SLURM for one CPU per task). doc_eos: MDLM's dataloader
+splits the documents into N contiguous shards (`shards`, evaluate.py --wrap_shards N, default 1), as
+Dataset.shard(contiguous=True): sizes n // N, the first n % N one larger (N > n: n shards, as map lowers num_proc),
+so the windows change with N. The papers' N is the process's CPU count, len(os.sched_getaffinity(0)) (MDLM's
+get_dataset default, Duo's loader.num_workers), of whichever run first built the cached grouped dataset
+(cache_dir/NAME_SPLIT_bsL_wrapped*.dat, reused whatever N later): BD3-LM's zero-shot jobs (scripts/zs_ppl/*.sh)
+ask SLURM for one CPU per task, so N = 1 where SLURM binds the task to it; Duo's scripts/zero_shot_*.sh ask for no
+CPU count and MDLM released no zero-shot script, so theirs is unknown. doc_eos: MDLM's dataloader
 always appends the end-of-text token, but the released zero-shot scripts (bd3lms scripts/zs_ppl/*.sh, duo
 scripts/zero_shot_*.sh, Duo's rerun of MDLM included) pass insert_valid_eos=False, so the default here is False.
 """

@@ -332,3 +332,32 @@ def test_zero_shot_windows_batches_and_errors(tmp_path, cache, byte_bpe):
     msg = one_line_error(zero_shot_windows, "ptb", byte_bpe.encode_ordinary, 8, 256, 256,
                          data_files=str(tmp_path / "short"), cache_dir=cache)
     assert "ptb" in msg and "fewer than" in msg
+
+
+def test_wrap_shards_as_datasets_map_with_num_proc():
+    """wrap(shards=N) against the `datasets` library itself: Dataset.shard(N, s, contiguous=True) (what map(num_proc=N)
+    hands each worker) then map(batched=True) (batches of 1000) of a group_texts written here, shard by shard. 2501
+    documents: shards of 834, 834, 833 for N = 3 (the first n % N one larger, counted by hand), 1251 and 1250 for N = 2
+    (a batch of 1000 and a rest in each); N > n gives n shards, as map lowers num_proc to n."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 50, int(rng.integers(0, 9))).tolist() for _ in range(2501)]
+    ds = datasets.Dataset.from_dict({"input_ids": docs, "i": list(range(len(docs)))})
+    body = 5
+
+    def group(batch):
+        flat = [t for d in batch["input_ids"] for t in d]
+        k = len(flat) // body
+        return {"w": [[7] + flat[j * body:(j + 1) * body] + [7] for j in range(k)]}
+
+    assert [len(ds.shard(3, s, contiguous=True)) for s in range(3)] == [834, 834, 833]
+    assert ds.shard(3, 1, contiguous=True)["i"][0] == 834
+    for N in (1, 2, 3, 7):
+        expected = [w for s in range(N) for w in ds.shard(N, s, contiguous=True).map(
+            group, batched=True, remove_columns=ds.column_names)["w"]]
+        got = wrap(docs, body + 2, 7, 7, shards=N)
+        assert got.tolist() == expected, N
+    assert wrap(docs, 7, 7, 7, shards=1).tolist() != wrap(docs, 7, 7, 7, shards=3).tolist()  # windows depend on N
+    few = [[1, 2, 3], [4, 5, 6, 7]]
+    assert wrap(few, 5, 0, 0, shards=8).tolist() == wrap(few, 5, 0, 0, shards=2).tolist() == [[0, 1, 2, 3, 0],
+                                                                                              [0, 4, 5, 6, 0]]

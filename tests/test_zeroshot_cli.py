@@ -281,3 +281,28 @@ def test_protocol_mdlm_scores_every_token_of_a_diffusion_model(setup, tmp_path, 
     assert "mdlm protocol: every token of each window scored" in capsys.readouterr().out
     pooled = call_main(evaluate, base)
     assert mdlm["first_given"] is False and mdlm["zero_shot"] == pooled["zero_shot"]
+
+
+def test_wrap_shards_groups_as_num_proc(setup, tiny_bpe, capsys):
+    """--wrap_shards 3: the 40 documents in contiguous shards of 14, 13, 13 (by hand), each concatenated alone (one
+    batch of 1000 each) and its remainder dropped; the exact NLL over those windows, built here, differs from one
+    shard's; --wrap_shards 0 is a one-line error."""
+    ckpt, data_dir, wiki, docs, model = setup
+    base = [ckpt, "--no_ema", "--device", "cpu", "--data_dir", data_dir, "--zero_shot", "wikitext2",
+            "--data_files", f"wikitext2={wiki}", "--batch_size", "4", "--json"]
+    eot, n = tiny_bpe.eot_token, L - 2
+    windows = []
+    for lo, hi in ((0, 14), (14, 27), (27, 40)):
+        stream = [t for d in docs[lo:hi] for t in tiny_bpe.encode_ordinary(d)]
+        windows += [[eot] + stream[i:i + n] + [eot] for i in range(0, len(stream) - n + 1, n)]
+    x = torch.tensor(windows)
+    with torch.no_grad():
+        logits = model.logits(torch.cat([torch.full((len(x), 1), model.mask_id), x[:, :-1]], dim=1))
+    bits = float(F.cross_entropy(logits.flatten(0, 1), x.flatten())) / math.log(2)
+    row = call_main(evaluate, base + ["--wrap_shards", "3"])["zero_shot"][0]
+    assert row["windows"] == len(windows)
+    assert row["bpt"] == pytest.approx(bits, abs=2e-5)
+    assert abs(row["bpt"] - expected_bits(model, docs, tiny_bpe)[0]) > 1e-3  # other windows than one shard's
+    capsys.readouterr()
+    with pytest.raises(UserError, match="wrap_shards"):
+        call_main(evaluate, base + ["--wrap_shards", "0"])
