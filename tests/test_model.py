@@ -437,7 +437,8 @@ def test_hidden_states_enter_the_blocks_in_float32_under_autocast(soft):
     net = make_model().net
     x, t = inputs(ARGS)
     if soft:
-        x = torch.softmax(3 * torch.randn(*x.shape, ARGS["vocab_size"] + 1, generator=torch.Generator().manual_seed(1)), -1)
+        g = torch.Generator().manual_seed(1)
+        x = torch.softmax(3 * torch.randn(*x.shape, ARGS["vocab_size"] + 1, generator=g), -1)
     seen = []
     hook = net.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
