@@ -60,13 +60,15 @@ def nelbo_integrand(log_x_theta, z_t, x0, alpha, dalpha):
 
 def posterior(x, z_t, alpha_s, alpha_t):
     """q(z_s | z_t, x) (B, L, V) for x one-hot (the true posterior) or x_theta probabilities (the model's step),
-    z_t (B, L) ids; alpha_s, alpha_t floats or tensors broadcastable to (B, L, 1). Float64 in, float64 out."""
+    z_t (B, L) ids; alpha_s, alpha_t floats or tensors broadcastable to (B, L, 1). Float64 in, float64 out.
+    No one-hot of z_t: (a_s - a_t) x + c everywhere (c = (1 - a_t/a_s)(1 - a_s)/V), and at z_t the two z_t terms
+    added in the order of the formula (so the values are those of the one-hot form, bit for bit)."""
     V = x.shape[-1]
-    z = torch.nn.functional.one_hot(z_t, V).to(x.dtype)
     x_z = x.gather(-1, z_t[..., None])
-    numerator = (V * alpha_t * x * z + (alpha_t / alpha_s - alpha_t) * z + (alpha_s - alpha_t) * x
-                 + (1 - alpha_t / alpha_s) * (1 - alpha_s) / V)
-    return numerator / (V * alpha_t * x_z + 1 - alpha_t)
+    c = (1 - alpha_t / alpha_s) * (1 - alpha_s) / V
+    at_z = V * alpha_t * x_z + (alpha_t / alpha_s - alpha_t) + (alpha_s - alpha_t) * x_z + c
+    numerator = ((alpha_s - alpha_t) * x).add_(c).scatter_(-1, z_t[..., None], at_z.expand_as(x_z).contiguous())
+    return numerator.div_(V * alpha_t * x_z + 1 - alpha_t)
 
 
 def gaussian_accuracy(gamma, V, points=4801):
@@ -87,41 +89,46 @@ def gaussian_accuracy(gamma, V, points=4801):
     return p.reshape(gamma.shape), dp.reshape(gamma.shape)
 
 
-GAMMA_RANGE, GAMMA_POINTS = (-16.0, 16.0), 4097  # the cached grid of gaussian_alpha
+GAMMA_RANGE, GAMMA_POINTS = (-16.0, 16.0), 4097  # the grid of the duality table
+SAMPLE_CHUNK = 256    # sample(): generated positions whose float64 work (a few chunk x V tensors) is done at once
+GREEDY_EPS = 1e-5     # sample(sampler="greedy_tail"): Duo's last time (their generate_samples' eps)
 
 
 @functools.lru_cache(maxsize=None)
-def _duality_table(V):
-    """alpha and dalpha/dgamma on the GAMMA_POINTS-point grid over GAMMA_RANGE (float64, about 2 s per V)."""
+def duality_table(V):
+    """(2, GAMMA_POINTS) float64 on the CPU: alpha = (V p - 1)/(V - 1) clamped to [0, 1] (the quadrature overshoots 1
+    by ~1.6e-13 for gamma < -4.8, where log1p(-alpha) would be NaN) and dalpha/dgamma, on the grid over GAMMA_RANGE.
+    About 2 s per V, once per process; a Duo keeps a copy on its device (Duo.table)."""
     gamma = torch.linspace(*GAMMA_RANGE, GAMMA_POINTS, dtype=torch.float64)
     p, dp_dnu = gaussian_accuracy(gamma, V)
     dnu_dgamma = -torch.exp(-gamma / 2) / 2
-    return (V * p - 1) / (V - 1), V / (V - 1) * dp_dnu * dnu_dgamma
+    return torch.stack([((V * p - 1) / (V - 1)).clamp(0, 1), V / (V - 1) * dp_dnu * dnu_dgamma])
 
 
-def gaussian_alpha(gamma, V):
+def gaussian_alpha(gamma, V, table=None):
     """The uniform-state alpha = T(at) = (V p - 1)/(V - 1) that argmax(w_t) follows at log-SNR -gamma, and
-    dalpha/dgamma, both float64, linearly interpolated on the cached grid (gamma clamped to GAMMA_RANGE)."""
-    alpha, dalpha = _duality_table(V)
+    dalpha/dgamma, both float64, linearly interpolated on the table (default duality_table(V); gamma clamped to
+    GAMMA_RANGE) with tensor ops on gamma's device: no host copy, nothing a compiled graph must sync on."""
     gamma = torch.as_tensor(gamma, dtype=torch.float64)
+    table = (duality_table(V) if table is None else table).to(gamma.device)
     lo, hi = GAMMA_RANGE
-    pos = ((gamma.clamp(lo, hi) - lo) / (hi - lo) * (GAMMA_POINTS - 1)).cpu()
+    pos = (gamma.clamp(lo, hi) - lo) / (hi - lo) * (GAMMA_POINTS - 1)
     i = pos.floor().long().clamp(max=GAMMA_POINTS - 2)
     frac = pos - i
-    out = [(table[i] * (1 - frac) + table[i + 1] * frac).to(gamma.device) for table in (alpha, dalpha)]
+    out = table[:, i] * (1 - frac) + table[:, i + 1] * frac
     return out[0], out[1]
 
 
-def gaussian_gamma(alpha, V):
+def gaussian_gamma(alpha, V, table=None):
     """The inverse of gaussian_alpha: the gamma (float64) at which argmax(w_t) follows alpha, by linear
-    interpolation on the cached grid (alpha clamped to the grid's range)."""
-    table = _duality_table(V)[0].flip(0)  # increasing in alpha
-    gammas = torch.linspace(*GAMMA_RANGE, GAMMA_POINTS, dtype=torch.float64).flip(0)
+    interpolation on the table (alpha clamped to the table's range), on alpha's device."""
     a = torch.as_tensor(alpha, dtype=torch.float64)
-    a_cpu = a.cpu().clamp(float(table[0]), float(table[-1]))
-    i = (torch.searchsorted(table, a_cpu) - 1).clamp(0, GAMMA_POINTS - 2)
-    frac = (a_cpu - table[i]) / (table[i + 1] - table[i])
-    return (gammas[i] + frac * (gammas[i + 1] - gammas[i])).to(a.device)
+    alphas = (duality_table(V) if table is None else table).to(a.device)[0].flip(0)  # non-decreasing in alpha
+    gammas = torch.linspace(*GAMMA_RANGE, GAMMA_POINTS, dtype=torch.float64, device=a.device).flip(0)
+    a = torch.minimum(torch.maximum(a, alphas[0]), alphas[-1])
+    i = (torch.searchsorted(alphas, a) - 1).clamp(0, GAMMA_POINTS - 2)  # alphas[i] < a <= alphas[i + 1]
+    frac = (a - alphas[i]) / (alphas[i + 1] - alphas[i]).clamp(min=1e-300)
+    return gammas[i] + frac * (gammas[i + 1] - gammas[i])
 
 
 def gaussian_latents(x0, gamma, V, eps):
@@ -134,13 +141,17 @@ def gaussian_latents(x0, gamma, V, eps):
 # ---- the model ---------------------------------------------------------------------------------------------
 class Duo(nn.Module):
     def __init__(self, vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, antithetic=True, t_eps=1e-3,
-                 curriculum_iters=0, gamma_min=-3.55, gamma_max=-1.85, tau=1e-3, time_input="1000t", tied_output=True):
+                 curriculum_iters=0, gamma_min=-3.55, gamma_max=-1.85, tau=1e-3, time_input="1000t", tied_output=True,
+                 dcd_gamma_min=-4.0, dcd_gamma_max=-1.0):
         super().__init__()
         self.vocab_size = vocab_size
         self.mask_id = vocab_size  # not a token: "generate this position" in sample()'s input
         self.antithetic, self.t_eps = antithetic, t_eps
         self.curriculum_iters, self.gamma_min, self.gamma_max, self.tau = curriculum_iters, gamma_min, gamma_max, tau
         self.in_curriculum = False  # set by start_iteration (train.py); never in evaluation
+        self.dcd_gamma_min, self.dcd_gamma_max = dcd_gamma_min, dcd_gamma_max
+        # the duality table on the model's device, filled by table(); not in the state dict (checkpoints unchanged)
+        self.register_buffer("alpha_table", torch.zeros(0, dtype=torch.float64), persistent=False)
         if time_input not in ("1000t", "sigma"):
             raise ValueError(f"time_input must be 1000t or sigma, not {time_input!r}")
         self.time_input = time_input
@@ -165,9 +176,18 @@ class Duo(nn.Module):
         noise = torch.randint(0, self.vocab_size, x0.shape, device=x0.device, generator=generator)
         return torch.where(replace, noise, x0)
 
+    def table(self):
+        """duality_table(V) on the model's device, copied there the first time (start_iteration and distill_loss
+        call this outside any compiled code, so a compiled step only reads the buffer)."""
+        if self.alpha_table.numel() == 0 or self.alpha_table.dtype != torch.float64:
+            self.alpha_table = duality_table(self.vocab_size).to(self.alpha_table.device)
+        return self.alpha_table
+
     def start_iteration(self, iter_num):
         """train.py calls this before every optimizer step: the first curriculum_iters steps use the curriculum."""
         self.in_curriculum = iter_num < self.curriculum_iters
+        if self.in_curriculum:
+            self.table()
 
     # ---- training ----------------------------------------------------------------------------------------------
     def draw_times(self, B, device):
@@ -183,7 +203,7 @@ class Duo(nn.Module):
         """The curriculum's inputs at times t in [0, 1] (gamma = gamma_min + t (gamma_max - gamma_min)):
         (soft input softmax(w_t / tau), z_t = argmax w_t, alpha, dalpha/dt, the network's time 1 - alpha)."""
         gamma = self.gamma_min + t * (self.gamma_max - self.gamma_min)
-        alpha, dalpha_dgamma = gaussian_alpha(gamma, self.vocab_size)
+        alpha, dalpha_dgamma = gaussian_alpha(gamma, self.vocab_size, self.table())
         w = gaussian_latents(x0, gamma, self.vocab_size, torch.randn(*x0.shape, self.vocab_size, device=x0.device))
         return (w / self.tau).softmax(-1), w.argmax(-1), alpha, dalpha_dgamma * (self.gamma_max - self.gamma_min), 1 - alpha
 
@@ -209,17 +229,34 @@ class Duo(nn.Module):
 
     distill_defaults = ("DCD", 512, 5)  # distill.py: the method, its first teacher steps and rounds (Duo's paper)
 
-    def distill_loss(self, teacher, x0, steps):
-        """Duo's discrete consistency distillation (DCD) for distill.py: t uniform in [t_eps, 1] moved up by
-        delta = 1/steps (at most 1), s = t - delta; one shared eps gives Gaussian latents at the gammas where
-        argmax follows alpha(t) and alpha(s) (gaussian_gamma), z_t and z_s their argmax; the student (self) at
-        (z_t, t) learns the teacher's x_theta at (z_s, s): loss = mean over positions of KL(student || teacher)."""
-        B, V = x0.shape[0], self.vocab_size
-        t = (self.t_eps + (1 - self.t_eps) * torch.rand(B, dtype=torch.float64, device=x0.device) + 1 / steps).clamp(max=1)
+    def dcd_pairs(self, B, steps, device):
+        """DCD's pairs of times for B rows, as Duo's distillation (their Distillation.nll; distillation.yaml's
+        gamma_min: -4, gamma_max: -1): t from draw_times (their _sample_t) moved up by dt = 1/steps, t = min(t + dt, 1),
+        s = t - dt, the Gaussian latents at gamma = dcd_gamma_min + t (dcd_gamma_max - dcd_gamma_min) and at s's
+        gamma, where argmax follows alpha = gaussian_alpha(gamma); the network reads time 1 - alpha (their sigma
+        from that alpha; our curriculum's convention). With [-4, -1] alpha runs from 0.999 down to 0.006 at
+        V = 50257 (1 to 0.36 at V = 27), not uniformly in t. dcd_gamma_min=None: our earlier grid instead, alpha =
+        1 - t uniform in t (gamma = gaussian_gamma(1 - t)), network times t and s.
+        Returns (gamma_t, gamma_s, the network's times for t, for s), each (B,) float64."""
+        t = (self.draw_times(B, device) + 1 / steps).clamp(max=1)
         s = t - 1 / steps
+        if self.dcd_gamma_min is None:
+            table = self.table()
+            return gaussian_gamma(self.alpha(t), self.vocab_size, table), gaussian_gamma(self.alpha(s), self.vocab_size,
+                                                                                         table), t, s
+        gamma_t, gamma_s = (self.dcd_gamma_min + r * (self.dcd_gamma_max - self.dcd_gamma_min) for r in (t, s))
+        alpha = gaussian_alpha(torch.stack([gamma_t, gamma_s]), self.vocab_size, self.table())[0]
+        return gamma_t, gamma_s, 1 - alpha[0], 1 - alpha[1]
+
+    def distill_loss(self, teacher, x0, steps):
+        """Duo's discrete consistency distillation (DCD) for distill.py: one shared eps gives Gaussian latents at the
+        two gammas of dcd_pairs, z_t and z_s their argmax; the student (self) at (z_t, its time) learns the teacher's
+        x_theta at (z_s, its time): loss = mean over positions of KL(student || teacher) (their kl-bwd)."""
+        B, V = x0.shape[0], self.vocab_size
+        gamma_t, gamma_s, t, s = self.dcd_pairs(B, steps, x0.device)
         eps = torch.randn(*x0.shape, V, device=x0.device)
-        z_t = gaussian_latents(x0, gaussian_gamma(self.alpha(t), V), V, eps).argmax(-1)
-        z_s = gaussian_latents(x0, gaussian_gamma(self.alpha(s), V), V, eps).argmax(-1)
+        z_t = gaussian_latents(x0, gamma_t, V, eps).argmax(-1)
+        z_s = gaussian_latents(x0, gamma_s, V, eps).argmax(-1)
         with torch.no_grad():
             log_p = teacher.logits(z_s, s).log_softmax(-1)
         log_q = self.logits(z_t, t).log_softmax(-1)
@@ -262,14 +299,19 @@ class Duo(nn.Module):
     # ---- sampling ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", temperature=1.0,
-               top_k=0, top_p=1.0, **opts):
+               top_k=0, top_p=1.0, chunk=SAMPLE_CHUNK, **opts):
         """Ancestral sampling of the mask_id positions of x (B, L) on the grid t_j = j/steps (default L steps), one
-        network call per step: they start as uniformly random tokens; from t_j to t_{j-1} each takes a draw from
-        posterior(x_theta, z_t, alpha(t_{j-1}), alpha(t_j)) in float64, x_theta = softmax of the logits after
-        temperature / top_k / top_p (Duo applies the nucleus to x_theta, never to the posterior). At s = 0 the
-        posterior is x_theta reweighted towards z_t. sampler="greedy_tail": the last step takes argmax x_theta
-        instead (Duo's greedy tail). Given tokens never change; cache is unused (every step changes tokens).
-        Returns (samples, network calls)."""
+        network call per step: they start as uniformly random tokens; from t to s < t each takes a draw from
+        posterior(x_theta, z_t, alpha(s), alpha(t)) in float64, x_theta = softmax of the logits after temperature /
+        top_k / top_p (Duo applies the nucleus to x_theta, never to the posterior). At s = 0 the posterior is
+        x_theta reweighted towards z_t.
+        sampler="greedy_tail": Duo's noise_removal=greedy (their generate_samples): the steps go down
+        linspace(1, eps, steps + 1) with eps = GREEDY_EPS (1e-5, their default), ending at eps, not 0, and then ONE
+        MORE network call at t = eps whose argmax x_theta (of the raw logits; filtering never moves the argmax)
+        replaces the generated positions: steps + 1 calls. (Their alpha is 1 - (1 - 1e-3) t, ours 1 - t.)
+        Given tokens never change; cache is unused (every step changes tokens). The float64 work of a step is done
+        chunk generated positions at a time, after drawing all of the step's uniforms at once, so that its memory
+        is bounded by chunk x V and the samples do not depend on chunk. Returns (samples, network calls)."""
         if sampler not in ("ancestral", "greedy_tail"):
             raise ValueError(f"the uniform-state model samples with ancestral or greedy_tail, not {sampler!r}")
         if opts:
@@ -277,21 +319,36 @@ class Duo(nn.Module):
         B, L = x.shape
         steps = steps or L
         generate = x == self.mask_id
+        rows, cols = generate.nonzero(as_tuple=True)
         noise = torch.randint(0, self.vocab_size, x.shape, device=x.device, generator=generator)
         z = torch.where(generate, noise, x)
-        for j in range(steps, 0, -1):
-            t = torch.full((B,), j / steps, dtype=torch.float64, device=x.device)
-            logits = self.logits(z, t)[generate]
-            if sampler == "greedy_tail" and j == 1:
-                new = filter_logits(logits, temperature or 1.0, top_k, top_p).argmax(-1)
-            elif temperature == 0:
-                new = logits.argmax(-1)
-            else:
-                x_theta = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-                probs = posterior(x_theta[None], z[generate][None], 1 - (j - 1) / steps, 1 - j / steps)[0]
-                new = draw(probs.log(), generator)
+        if sampler == "greedy_tail":
+            times = torch.linspace(1, GREEDY_EPS, steps + 1, dtype=torch.float64).tolist()
+        else:
+            times = [j / steps for j in range(steps, -1, -1)]
+        for t, s in zip(times[:-1], times[1:]):
+            tt = torch.full((B,), t, dtype=torch.float64, device=x.device)
+            logits = self.logits(z, tt)
+            z_gen = z[generate]
+            new = torch.empty_like(z_gen)
+            u = None if temperature == 0 else torch.rand(len(new), dtype=torch.float64, device=x.device,
+                                                         generator=generator)
+            for c in range(0, len(new), chunk):
+                part = slice(c, c + chunk)
+                lg = logits[rows[part], cols[part]]
+                if temperature == 0:
+                    new[part] = lg.argmax(-1)
+                    continue
+                x_theta = filter_logits(lg, temperature, top_k, top_p).softmax(-1)
+                probs = posterior(x_theta, z_gen[part], 1 - s, 1 - t)
+                new[part] = draw(probs.log_(), u=u[part])
             z = z.clone()
             z[generate] = new
             if callback is not None:
-                callback(z, t)
-        return z, steps
+                callback(z, tt)
+        if sampler == "greedy_tail":
+            tt = torch.full((B,), times[-1], dtype=torch.float64, device=x.device)
+            z = torch.where(generate, self.logits(z, tt).argmax(-1), z)
+            if callback is not None:
+                callback(z, tt)
+        return z, steps + (sampler == "greedy_tail")

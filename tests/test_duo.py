@@ -322,25 +322,39 @@ def nucleus(p, top_p):
     return out / out.sum(-1, keepdims=True)
 
 
+def chain_times(N, greedy=False):
+    """The sampler's grid: j/N for j = N..0; greedy: Duo's linspace(1, 1e-5, N + 1) (their generate_samples' eps)."""
+    return np.linspace(1, 1e-5, N + 1) if greedy else np.arange(N, -1, -1) / N
+
+
 def exact_chain(model, N, given=(None, None), variant="right", top_p=1.0, greedy=False):
-    """The distribution over the 9 states after the N-step sampler: positions with given = None start uniform, the
-    rest are fixed; from t = j/N to s = (j-1)/N each free position moves by our Bayes step with the (nucleus-
-    filtered) x_theta(state, t), independently given the state; greedy: the last step is argmax x_theta.
-    Variants: "no z_t" (step q(z_s | x_theta)), "network at s" (x_theta at time s, not t)."""
+    """The distribution over the 9 states after the sampler: positions with given = None start uniform, the rest are
+    fixed; from t to s (chain_times) each free position moves by our Bayes step with the (nucleus-filtered)
+    x_theta(state, t), independently given the state; greedy (Duo's noise_removal=greedy): the N steps go down
+    to 1e-5, then one more call replaces every free position by argmax x_theta(state, 1e-5).
+    Variants: "no z_t" (step q(z_s | x_theta)), "network at s" (x_theta at time s, not t), "argmax last step" (our
+    earlier greedy tail: the grid j/N with its last step replaced by argmax x_theta(state, 1/N))."""
     free = np.array([g is None for g in given])
     dist = np.array([all(g is None or st[l] == g for l, g in enumerate(given)) for st in SEQS], dtype=np.float64)
     dist /= dist.sum()
-    for j in range(N, 0, -1):
-        t, s = j / N, (j - 1) / N
+
+    def move(dist, step):  # P[z, z'] = prod_l step_l(z)[z'_l], the given positions fixed
+        step = np.where(free[None, :, None], step, np.eye(V)[X])
+        return dist @ (step[:, 0, X[:, 0]] * step[:, 1, X[:, 1]])
+
+    greedy = greedy and variant != "argmax last step"
+    times = chain_times(N, greedy)
+    for t, s in zip(times[:-1], times[1:]):
         xth = nucleus(x_theta_table(model, [s if variant == "network at s" else t])[0], top_p)   # (z, L, V)
-        if greedy and j == 1:
+        if variant == "argmax last step" and s == 0:
             step = np.eye(V)[xth.argmax(-1)]
         elif variant == "no z_t":
             step = (1 - s) * xth + s / V
         else:
             step = bayes_step(xth, X, 1 - s, 1 - t)
-        step = np.where(free[None, :, None], step, np.eye(V)[X])
-        dist = dist @ (step[:, 0, X[:, 0]] * step[:, 1, X[:, 1]])        # P[z, z'] = prod_l step_l(z)[z'_l]
+        dist = move(dist, step)
+    if greedy:
+        dist = move(dist, np.eye(V)[x_theta_table(model, [times[-1]])[0].argmax(-1)])
     assert abs(dist.sum() - 1) < 1e-12
     return {st: float(p) for st, p in zip(SEQS, dist)}
 
@@ -357,14 +371,17 @@ def rejects(samples, probs):
     ((None, None), 1, {}, "network at s"),
     ((None, None), 3, {}, "no z_t"),
     ((1, None), 3, {}, "no z_t"),
-    ((None, None), 3, {"sampler": "greedy_tail"}, "no z_t"),
+    ((None, None), 1, {"sampler": "greedy_tail"}, "argmax last step"),
+    ((None, None), 4, {"sampler": "greedy_tail"}, "argmax last step"),
+    ((1, None), 4, {"sampler": "greedy_tail"}, "argmax last step"),
+    ((None, None), 4, {"sampler": "greedy_tail", "top_p": 0.6}, "argmax last step"),
     ((None, None), 3, {"top_p": 0.6}, "no top_p"),
     ((1, None), 1, {"top_p": 0.6}, "no top_p"),
 ])
 def test_sampler_matches_exact_chain(model, given, N, opts, wrong):
     """Chi-square of 20000 samples (p > 1e-3) against the exact chain; the same test rejects a wrong chain
-    (p < 1e-6). Given tokens never change, no mask_id is left, one network call per step, the callback sees
-    every step."""
+    (p < 1e-6). Given tokens never change, no mask_id is left, one network call per step (greedy_tail: N + 1,
+    the last at 1e-5), the callback sees every call."""
     greedy = opts.get("sampler") == "greedy_tail"
     exact = exact_chain(model, N, given, top_p=opts.get("top_p", 1.0), greedy=greedy)
     start = [M if g is None else g for g in given]
@@ -372,7 +389,9 @@ def test_sampler_matches_exact_chain(model, given, N, opts, wrong):
     seen = []
     samples, calls = model.sample(x, steps=N, generator=torch.Generator().manual_seed(7),
                                   callback=lambda z, t: seen.append(float(t[0])), **opts)
-    assert calls == N and seen == [j / N for j in range(N, 0, -1)]
+    times = chain_times(N, greedy)
+    want = list(times[:-1]) + ([times[-1]] if greedy else [])
+    assert calls == N + greedy and np.allclose(seen, want, rtol=0, atol=1e-15)
     assert samples.shape == x.shape and ((samples >= 0) & (samples < V)).all()
     fixed = [l for l in range(L) if given[l] is not None]
     assert torch.equal(samples[:, fixed], x[:, fixed]), "a given token changed"
@@ -384,8 +403,9 @@ def test_sampler_matches_exact_chain(model, given, N, opts, wrong):
     else:
         alternative = exact_chain(model, N, given, wrong, top_p=opts.get("top_p", 1.0), greedy=greedy)
     assert rejects(samples, alternative), f"the chi-square test cannot tell the chain with '{wrong}'"
-    if greedy:  # and the greedy tail is not the ancestral last step
-        assert rejects(samples, exact_chain(model, N, given))
+    if greedy:  # and the greedy tail is neither the plain ancestral chain nor our earlier argmax last step
+        assert rejects(samples, exact_chain(model, N, given, top_p=opts.get("top_p", 1.0)))
+        assert rejects(samples, exact_chain(model, N, given, "argmax last step", top_p=opts.get("top_p", 1.0)))
 
 
 def test_sampler_refuses_other_samplers(model):
@@ -633,3 +653,91 @@ def test_soft_input_of_a_one_hot_is_the_token(model):
             assert (mixed - model.net(probs.argmax(-1), t)).abs().max() > 1e-2
     finally:
         hook.remove()
+
+
+def test_duality_alpha_stays_in_0_1():
+    """For gamma below ~-4.8 the quadrature's (V p - 1)/(V - 1) rounds above 1 (by ~1.6e-13), where log1p(-alpha)
+    is NaN: alpha is clamped to [0, 1]. It still follows our quadrature (capped at 1) there."""
+    gammas = torch.linspace(-16, -5, 111, dtype=torch.float64)
+    for vocab in (27, 50257):
+        assert 0 <= float(duo.duality_table(vocab)[0].min()) and float(duo.duality_table(vocab)[0].max()) <= 1
+        alpha, _ = duo.gaussian_alpha(gammas, vocab)
+        assert ((alpha >= 0) & (alpha <= 1)).all() and not torch.log1p(-alpha).isnan().any()
+        np.testing.assert_allclose(alpha.numpy(), np.minimum(alpha_of(gammas.numpy(), vocab), 1), rtol=0, atol=1e-9)
+
+
+# ---- 8. the sampler in chunks, and DCD's grid ---------------------------------------------------------------
+@pytest.mark.parametrize("opts", [{}, {"top_p": 0.6, "temperature": 0.7}, {"sampler": "greedy_tail", "top_k": 2},
+                                  {"temperature": 0}])
+def test_sample_chunks_do_not_change_the_samples(model, monkeypatch, opts):
+    """sample(chunk=c) draws exactly the tokens of one chunk holding every generated position (same seed), and no
+    float64 piece (filter_logits, posterior, draw) ever sees more than c rows."""
+    rows = []
+
+    def spy(fn):
+        def wrapped(first, *a, **k):
+            rows.append(first.shape[0])
+            return fn(first, *a, **k)
+        return wrapped
+    for name in ("filter_logits", "posterior", "draw"):
+        monkeypatch.setattr(duo, name, spy(getattr(duo, name)))
+    x = torch.full((9, 7), M)
+    x[:, 2] = 1
+    x[3, 5] = 0
+    n = int((x == M).sum())
+    out = {}
+    for chunk in (10 ** 6, 5, 1):
+        rows.clear()
+        out[chunk] = model.sample(x, steps=3, generator=torch.Generator().manual_seed(4), chunk=chunk, **opts)
+        assert max(rows, default=0) <= min(chunk, n) and (rows or opts.get("temperature") == 0)
+        if chunk > n and rows:
+            assert max(rows) == n  # the spies see the work
+    assert torch.equal(out[10 ** 6][0], out[5][0]) and torch.equal(out[10 ** 6][0], out[1][0])
+    assert out[1][1] == out[5][1] == 3 + (opts.get("sampler") == "greedy_tail")
+    assert torch.equal(out[1][0][:, 2], x[:, 2]) and out[1][0][3, 5] == 0
+    assert len(set(map(tuple, out[1][0].tolist()))) > (3 if opts.get("temperature", 1) else 0)  # not degenerate
+
+
+def dcd_network_times(vocab, steps, n=4000, **kw):
+    """The (student, teacher) network times of Duo.distill_loss on n rows of 2 tokens, recorded at the calls."""
+    torch.manual_seed(0)
+    student = Duo(vocab, 16, 2, 1, 8, 0.0, **kw)
+    teacher = Duo(vocab, 16, 2, 1, 8, 0.0).eval()
+    times = {}
+    for name, m in (("student", student), ("teacher", teacher)):
+        inner = m.logits
+        m.logits = lambda z, t, inner=inner, name=name: times.setdefault(name, t.clone()) is not None and inner(z, t)
+    student.distill_loss(teacher, torch.randint(0, vocab, (n, 2)), steps)
+    return times["student"].numpy(), times["teacher"].numpy()
+
+
+def test_dcd_pairs_follow_duos_gamma_grid():
+    """Duo's distillation (distillation.yaml gamma_min -4, gamma_max -1): t = min(t' + 1/steps, 1), t' uniform on
+    [t_eps, 1], s = t - 1/steps, gamma = -4 + 3 t, and the network reads 1 - alpha(gamma). From our quadrature: the
+    student's time 1 - alpha(gamma_t) falls uniformly into the bins of gamma between -4 + 3 (t_eps + 1/steps) and -1
+    (chi-square), with mass (1/steps)/(1 - t_eps) at gamma = -1; inverting alpha (our quadrature on a fine grid)
+    gives gamma_s = gamma_t - 3/steps row by row. Power: the earlier grid (alpha = 1 - t uniform in t,
+    dcd_gamma_min=None) fails the same chi-square."""
+    vocab, steps, t_eps, n = 27, 8, 1e-3, 4000
+    t_net, s_net = dcd_network_times(vocab, steps, n)
+    lo = -4 + 3 * (t_eps + 1 / steps)
+    edges = 1 - alpha_of(np.linspace(lo, -1, 11), vocab)  # increasing in gamma
+    top = 1 - alpha_of(-1.0, vocab)[0]
+
+    def fit(times):
+        at_top = np.abs(times - top) < 1e-6
+        counts = np.histogram(times[~at_top], bins=edges)[0]
+        return at_top.sum(), counts, chi2_pvalue(counts, np.full(10, 0.1)) if counts.sum() else 0.0
+
+    at_top, counts, p = fit(t_net)
+    p1 = (1 / steps) / (1 - t_eps)
+    assert abs(at_top - n * p1) < 4 * math.sqrt(n * p1 * (1 - p1)) and counts.sum() + at_top == n
+    assert p > 1e-3, (counts, p)
+    grid = np.linspace(-4.5, -0.5, 8001)
+    a_grid = alpha_of(grid, vocab)
+    gamma_of = lambda a: np.interp(a, a_grid[::-1], grid[::-1])  # noqa: E731  alpha decreases in gamma
+    ok = 1 - s_net < 0.999  # where alpha(gamma) is not flat at 1
+    assert ok.mean() > 0.5
+    np.testing.assert_allclose(gamma_of(1 - s_net[ok]), gamma_of(1 - t_net[ok]) - 3 / steps, atol=2e-3)
+    old_t, _ = dcd_network_times(vocab, steps, n, dcd_gamma_min=None)
+    assert fit(old_t)[2] < 1e-6
