@@ -10,11 +10,22 @@ Sampling pieces that every model family shares (d3pm.py, mdlm.py, ar.py call the
     sdtt_loss              SDTT distillation: a student's one masked-diffusion step against its teacher's two
 
 Draws are float64 throughout: float32 truncates the tail and lowers the effective temperature, which
-flatters generative perplexity.
+flatters generative perplexity. The float64 work on (N, K) logits goes a chunk of rows at a time (row_chunks), so
+that at K = 50258 it costs a small fraction of the float32 logits, whatever N; every row is computed as it would
+be alone, so the draws do not depend on the chunk size. The samplers keep one float32 copy of the logits of the
+positions they draw (logits[masked]) and free the network's output before its next call.
 """
 import math
 
 import torch
+
+CHUNK_ELEMENTS = 1 << 22  # float64 work on (N, K) logits: max(1, CHUNK_ELEMENTS // K) rows at a time (32 MB a buffer)
+
+
+def row_chunks(n, k):
+    """Slices covering rows 0..n-1 of (n, k) logits, max(1, CHUNK_ELEMENTS // k) rows each."""
+    step = max(1, CHUNK_ELEMENTS // k)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -39,18 +50,32 @@ def draw(logits, generator=None, u=None, temperature=1.0, top_k=0, top_p=1.0):
     a class of probability 0 (the masked column, or one filtered out)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    if u is None:
-        u = torch.rand(probs.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
-    cdf = probs.cumsum(dim=-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    N, K = logits.shape
+    if u is None:  # all rows' uniforms first: the draws do not depend on the chunks
+        u = torch.rand(N, dtype=torch.float64, device=logits.device, generator=generator)
+    out = torch.empty(N, dtype=torch.long, device=logits.device)
+    for rows in row_chunks(N, K):
+        cdf = filter_logits(logits[rows], temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+        out[rows] = torch.searchsorted(cdf, (u[rows] * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return out.clamp(max=K - 1)
 
 
 def drawn_probability(logits, tokens, temperature=1.0, top_k=0, top_p=1.0):
     """The probability of tokens (N,) under the distribution draw() samples (N, K) logits from (filter_logits).
     temperature 0 (the argmax, a point mass) is scored at temperature 1, so that positions still rank."""
-    probs = filter_logits(logits, temperature or 1.0, top_k, top_p).softmax(dim=-1)
-    return probs.gather(-1, tokens[:, None]).squeeze(-1)
+    out = torch.empty(tokens.shape, dtype=torch.float64, device=logits.device)
+    for rows in row_chunks(*logits.shape):
+        probs = filter_logits(logits[rows], temperature or 1.0, top_k, top_p).softmax(dim=-1)
+        out[rows] = probs.gather(-1, tokens[rows, None]).squeeze(-1)
+    return out
+
+
+def top_two(logits):
+    """The two largest probabilities of softmax(float64 (N, K) logits), (N, 2), chunk by chunk."""
+    out = torch.empty((logits.shape[0], 2), dtype=torch.float64, device=logits.device)
+    for rows in row_chunks(*logits.shape):
+        out[rows] = torch.softmax(logits[rows].double(), dim=-1).topk(2, dim=-1).values
+    return out
 
 
 def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=None, whole_batch=False,
@@ -80,9 +105,15 @@ def unmask_at_event_times(logits_fn, x, tau, u, mask_id, callback=None, grid=Non
         if rows.numel() == 0:
             return x, calls
         xr, pr, tr = x[rows], pending[rows], t_row[rows]
-        logits = logits_fn(x, t_row)[rows] if whole_batch else logits_fn(xr, tr)
         now = pr == tr[:, None]
-        xr[now] = draw(logits[now], u=u[rows][now], **draw_opts)
+        if whole_batch:  # the rows at an event, in order: one copy of their logits
+            now_all = torch.zeros_like(pending, dtype=torch.bool)
+            now_all[rows] = now
+            logits = logits_fn(x, t_row)[now_all]
+        else:
+            logits = logits_fn(xr, tr)[now]
+        xr[now] = draw(logits, u=u[rows][now], **draw_opts)
+        del logits  # before the next call
         x[rows], pending[rows] = xr, torch.where(now, torch.zeros_like(pr), pr)
         calls += 1
         if callback is not None:
@@ -118,14 +149,14 @@ def confidence_decode(logits_fn, x, times, mask_id, generator=None, callback=Non
         if not masked.any():
             break
         calls += 1
-        logits = logits_fn(x, torch.full((B,), float(t), dtype=torch.float64, device=x.device))
-        lm = logits[masked]
+        lm = logits_fn(x, torch.full((B,), float(t), dtype=torch.float64, device=x.device))[masked]
         drawn = draw(lm, generator, **draw_opts)
         if score == "drawn":
             conf_values = drawn_probability(lm, drawn, **draw_opts)
         else:
-            top2 = torch.softmax(lm.double(), dim=-1).topk(2, dim=-1).values
+            top2 = top_two(lm)
             conf_values = top2[:, 0] if score == "max" else top2[:, 0] - top2[:, 1]
+        del lm  # before the next call
         confidence = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=x.device)
         confidence[masked] = conf_values
         k = filled_by(j + 1) - filled_by(j) if j < S - 1 else masked.sum(dim=1)
@@ -163,13 +194,14 @@ def threshold_decode(logits_fn, x, mask_id, threshold, generator=None, callback=
             return x, calls
         share = left.double() / n0
         t = time_of(share) if time_of is not None else share
-        logits = logits_fn(x, t)[rows] if whole_batch else logits_fn(x[rows], t[rows])
-        calls += 1
         mr = masked[rows]
-        lm = logits[mr]
+        # one copy of the masked rows' logits (whole_batch: the rows without a mask have none in masked)
+        lm = logits_fn(x, t)[masked] if whole_batch else logits_fn(x[rows], t[rows])[mr]
+        calls += 1
         drawn = draw(lm, generator, **draw_opts)
         conf = torch.full(mr.shape, float("-inf"), dtype=torch.float64, device=x.device)
         conf[mr] = drawn_probability(lm, drawn, **draw_opts)
+        del lm  # before the next call
         commit = mr & (conf >= threshold)
         commit[torch.arange(rows.numel(), device=x.device), conf.argmax(dim=1)] = True  # a masked one: conf > -inf
         tokens = torch.full_like(mr, mask_id, dtype=x.dtype)
@@ -201,8 +233,10 @@ def remask_decode(logits_fn, x, times, alpha, mask_id, generator=None, callback=
         u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
         unmask = masked & (u < (a_s - (1 - sigma) * a_t) / (1 - a_t))
         remask = generated & ~masked & (u < sigma)
+        logits = logits[unmask]  # one copy: the network's output is freed
         tokens = torch.full_like(x, mask_id)
-        tokens[unmask] = draw(logits[unmask], generator, **draw_opts)
+        tokens[unmask] = draw(logits, generator, **draw_opts)
+        del logits  # before the next call
         x = torch.where(unmask, tokens, torch.where(remask, torch.full_like(x, mask_id), x))
         if callback is not None:
             callback(x, t)
