@@ -3,10 +3,13 @@ What the scripts (train.py, distill.py, sample.py, evaluate.py, bench.py) share,
 user error, device choice, data splits and their tokenizers, process groups, the EMA of the weights, and finding,
 writing and opening checkpoints (families.py reads them).
 """
+import contextlib
 import gc
+import io
 import os
 import pickle
 import socket
+import sys
 from urllib.parse import urlparse
 
 import numpy as np
@@ -343,10 +346,31 @@ def hub_online():
         return False
 
 
+def run_checkpoint(run_dir):
+    """The checkpoint of a run directory: its ckpt.pt (best val bound), else the newest readable one (newest_checkpoint,
+    as train.py --resume: a run stopped before its first evaluation has only last.pt), said on stderr with its
+    iteration; a one-line UserError when there is none."""
+    best = os.path.join(run_dir, "ckpt.pt")
+    if os.path.exists(best):
+        return best
+    skipped = io.StringIO()
+    with contextlib.redirect_stdout(skipped):  # newest_checkpoint prints the files it skips
+        found = newest_checkpoint(run_dir)
+    notes = "; ".join(skipped.getvalue().split("\n")).strip("; ")
+    if found is None:
+        raise UserError(f"run directory {run_dir} has no readable checkpoint (ckpt.pt or last.pt)"
+                        f"{': ' + notes if notes else ''}")
+    path, ckpt = found
+    print(f"using {path} (iteration {ckpt.get('iter_num', '?')}): no ckpt.pt yet{'; ' + notes if notes else ''}",
+          file=sys.stderr)
+    return path
+
+
 def resolve_checkpoint(spec):
-    """A local file, a run directory (its ckpt.pt), or a Hugging Face model repo id (downloads ckpt.pt)."""
+    """A local file, a run directory (run_checkpoint: its ckpt.pt, else its newest readable checkpoint), or a Hugging
+    Face model repo id (downloads ckpt.pt)."""
     if os.path.isdir(spec):
-        spec = os.path.join(spec, "ckpt.pt")
+        return run_checkpoint(spec)
     if os.path.exists(spec) or spec.count("/") != 1 or spec.endswith(".pt"):
         return spec
     from huggingface_hub import hf_hub_download

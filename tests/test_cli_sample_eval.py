@@ -284,3 +284,34 @@ def test_evaluate_json_one_batch_is_strict_json(results):
 def test_evaluate_text(results):
     proc = ok(results, "eval_text")
     assert any("bits/token" in ln for ln in proc.stdout.splitlines()), describe(proc)
+
+
+# ---- a run directory without ckpt.pt ----------------------------------------------------------------
+def test_run_directory_with_only_last_pt(env, tmp_path):
+    """A run stopped before its first evaluation has only last.pt: sample.py RUN and evaluate.py RUN (children) take
+    it and say so on stderr with its iteration (stdout stays the plain result); a directory with no checkpoint, or
+    only an unreadable one, is a one-line error."""
+    from conftest import assert_one_line_error
+    run = tmp_path / "early"
+    run.mkdir()
+    ckpt = torch.load(env["ckpt"], weights_only=True)
+    ckpt["iter_num"] = 40
+    torch.save(ckpt, run / "last.pt")
+    proc = run_script(["sample.py", run, "--device", "cpu", "--seq_len", "32", "--batch_size", "2", "--seed", "3"],
+                      timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    assert f"using {run / 'last.pt'} (iteration 40): no ckpt.pt yet" in proc.stderr, describe(proc)
+    assert len(text_samples(proc)) == 2
+    proc = run_script(["evaluate.py", run, "--device", "cpu", "--data_dir", env["data_dir"], "--seq_len", "32",
+                       "--batch_size", "8", "--max_batches", "1", "--json"], timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    assert f"using {run / 'last.pt'} (iteration 40)" in proc.stderr
+    assert json.loads(proc.stdout)["network_calls"] == 1  # stdout: the JSON alone
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_script(["sample.py", empty, "--device", "cpu"], timeout=120), str(empty),
+                          "no readable checkpoint")
+    (empty / "last.pt").write_bytes(b"not a checkpoint")
+    line = assert_one_line_error(run_script(["evaluate.py", empty, "--device", "cpu"], timeout=120),
+                                 "no readable checkpoint")
+    assert "last.pt is not a readable checkpoint" in line
