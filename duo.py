@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from model import DiT
-from sampling import draw, filter_logits
+from sampling import CHUNK_ELEMENTS, draw, filter_logits
 
 
 # ---- the math, as functions of tensors ---------------------------------------------------------------------
@@ -90,7 +90,6 @@ def gaussian_accuracy(gamma, V, points=4801):
 
 
 GAMMA_RANGE, GAMMA_POINTS = (-16.0, 16.0), 4097  # the grid of the duality table
-SAMPLE_CHUNK = 256    # sample(): generated positions whose float64 work (a few chunk x V tensors) is done at once
 GREEDY_EPS = 1e-5     # sample(sampler="greedy_tail"): Duo's last time (their generate_samples' eps)
 
 
@@ -299,7 +298,7 @@ class Duo(nn.Module):
     # ---- sampling ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", temperature=1.0,
-               top_k=0, top_p=1.0, chunk=SAMPLE_CHUNK, **opts):
+               top_k=0, top_p=1.0, chunk=None, **opts):
         """Ancestral sampling of the mask_id positions of x (B, L) on the grid t_j = j/steps (default L steps), one
         network call per step: they start as uniformly random tokens; from t to s < t each takes a draw from
         posterior(x_theta, z_t, alpha(s), alpha(t)) in float64, x_theta = softmax of the logits after temperature /
@@ -310,14 +309,16 @@ class Duo(nn.Module):
         MORE network call at t = eps whose argmax x_theta (of the raw logits; filtering never moves the argmax)
         replaces the generated positions: steps + 1 calls. (Their alpha is 1 - (1 - 1e-3) t, ours 1 - t.)
         Given tokens never change; cache is unused (every step changes tokens). The float64 work of a step is done
-        chunk generated positions at a time, after drawing all of the step's uniforms at once, so that its memory
-        is bounded by chunk x V and the samples do not depend on chunk. Returns (samples, network calls)."""
+        chunk generated positions at a time (default max(1, sampling.CHUNK_ELEMENTS // V)), after drawing all of the
+        step's uniforms at once, so that its memory is bounded by chunk x V and the samples do not depend on chunk.
+        Returns (samples, network calls)."""
         if sampler not in ("ancestral", "greedy_tail"):
             raise ValueError(f"the uniform-state model samples with ancestral or greedy_tail, not {sampler!r}")
         if opts:
             raise ValueError(f"the uniform-state sampler has no option {', '.join(opts)}")
         B, L = x.shape
         steps = steps or L
+        chunk = chunk or max(1, CHUNK_ELEMENTS // self.vocab_size)
         generate = x == self.mask_id
         rows, cols = generate.nonzero(as_tuple=True)
         noise = torch.randint(0, self.vocab_size, x.shape, device=x.device, generator=generator)

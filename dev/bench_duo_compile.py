@@ -51,7 +51,7 @@ def step(mode):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 for mode in modes:  # compile and warm up
