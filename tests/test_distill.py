@@ -399,8 +399,8 @@ def dcd_record():
     """Duo.distill_loss on 8 batches of 256 x 8 random ids at steps = 8, the student's and the teacher's logits
     calls recorded (inputs and outputs)."""
     torch.manual_seed(0)
-    student = randomize_weights(Duo(VD, 16, 2, 1, 8, 0.0), 1)
-    teacher = randomize_weights(Duo(VD, 16, 2, 1, 8, 0.0), 2).eval().requires_grad_(False)
+    student = randomize_weights(Duo(VD, 16, 2, 1, 8, 0.0, dcd_gamma_min=None), 1)
+    teacher = randomize_weights(Duo(VD, 16, 2, 1, 8, 0.0, dcd_gamma_min=None), 2).eval().requires_grad_(False)
     calls = {"student": [], "teacher": []}
 
     def wrap(model, key):
@@ -426,7 +426,7 @@ def dcd_record():
 
 
 def test_dcd_times(dcd_record):
-    """s = t - 1/steps exactly; t = min(t_eps + (1 - t_eps) u + 1/steps, 1): t in [t_eps + 1/steps, 1], equal to 1
+    """The old grid (dcd_gamma_min=None; Duo's own is tested in test_duo.py): s = t - 1/steps exactly; t = min(t_eps + (1 - t_eps) u + 1/steps, 1): t in [t_eps + 1/steps, 1], equal to 1
     w.p. (1/steps) / (1 - t_eps) (binomial), uniform below (chi-square on 10 bins)."""
     steps, t_eps = dcd_record["steps"], 1e-3
     t = torch.cat([c[1] for c in dcd_record["calls"]["student"]])
