@@ -151,9 +151,10 @@ def test_bench_suite_evaluates_a_published_checkpoint(setup, tmp_path, tiny_bpe)
                       timeout=240)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert records[-1]["bench"] == "suite" and records[-1]["jobs"] == 1 and records[-1]["failed"] == 0
-    row = records[0]["zero_shot"][0]
-    assert records[0]["bench"] == "published" and records[0]["model"] == "MDLM"
+    assert records[-1]["bench"] == "suite" and records[-1]["failed"] == 0
+    published = [r for r in records if r.get("bench") == "published"]
+    assert len(published) == 1 and published[0]["model"] == "MDLM"
+    row = published[0]["zero_shot"][0]
     assert row["dataset"] == "wikitext2" and row["windows"] >= 2 and math.isfinite(row["bpt"])
 
 
