@@ -283,7 +283,7 @@ def bench_suite(config, dev):
         jobs += [("train", "bd3lm_tiny", True, True)]
     jobs += [("torchrun", "d3pm_tiny", cuda, True)] * bool(names)
     jobs += [("train", c, *combo) for combo in combos[1:2] for c in names] + [("sample", c, cuda, True) for c in names]
-    jobs += [("sample_memory", "d3pm_tiny", False, True)]
+    jobs += [("sample_memory", "d3pm_tiny", False, True)] * bool(names)
     jobs += [("train", c, *combo) for combo in combos[2:] for c in names]
     if suite_published == "on" or (suite_published == "auto" and dev.type == "cuda" and hub_online()):
         jobs += [("published", repo_id, False, True) for repo_id in PUBLISHED]

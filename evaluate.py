@@ -269,8 +269,8 @@ def main(argv=None):
         return judge_main(args, pick_device(args.device))
     if not args.ckpt:
         raise UserError("give a checkpoint to evaluate (or --samples FILE --judge JUDGE)")
-    if args.batch_size < 2:
-        raise UserError("--batch_size must be at least 2 (one reconstruction window plus KL windows)")
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
 
     ddp, rank, world_size, dev = start_processes(args.device)
     model = open_model(args.ckpt, args.ema, dev)

@@ -323,3 +323,18 @@ def test_every_family_one_row_batch_matches_larger_batches(name):
             means[B] = evaluate.summarize(vals)
     (m1, s1), (m4, s4) = means[1], means[4]
     assert abs(m1 - m4) < 4.5 * math.hypot(s1, s4) + 1e-6, (name, means)  # AR: exact, float32 batching
+
+
+def test_batches_of_one_window(tmp_path, tiny_text8):
+    """--batch_size 1 is allowed now that every family's batch_bound takes one row (the D3PM's used to be NaN)."""
+    import contextlib
+    import io
+
+    import evaluate
+    from conftest import call_main
+    from test_distill_cli import write_untrained
+    ckpt = write_untrained(tmp_path / "d3pm.pt", "d3pm_tiny")
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = call_main(evaluate, [ckpt, "--data_dir", os.path.join(tiny_text8, "text8"), "--batch_size", "1",
+                                   "--max_batches", "20", "--device", "cpu", "--json"])
+    assert res["batches"] == 20 and math.isfinite(res["bpt"]) and math.isfinite(res["se"])
