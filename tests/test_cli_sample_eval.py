@@ -109,7 +109,7 @@ def cases(e):
         "eval_err_split": ev + ["--max_batches", "2", "--split", "nope"],
         "eval_err_vocab": ["evaluate.py", e["ckpt"], "--device", "cpu", "--data_dir", e["bad_vocab"], "--seq_len", "32",
                            "--batch_size", "8", "--max_batches", "2"],
-        "eval_err_batch1": ev[:-1] + ["1", "--max_batches", "2"],
+        "eval_err_batch0": ev[:-1] + ["0", "--max_batches", "2"],
         "eval_err_short": ["evaluate.py", e["ckpt"], "--device", "cpu", "--data_dir", e["short"], "--seq_len", "32",
                            "--batch_size", "8", "--max_batches", "2"],
     }
@@ -238,7 +238,7 @@ def test_no_ema_spellings(results, capsys):
                                                               reason="needs a machine without CUDA")),
     ("eval_err_split", "nope"),
     ("eval_err_vocab", "40"),
-    ("eval_err_batch1", "batch_size"),
+    ("eval_err_batch0", "batch_size"),
     ("eval_err_short", "seq_len"),
 ])
 def test_errors_are_one_line(results, name, needle):
