@@ -3,6 +3,7 @@ Few-step distillation: a student learns to take in one step what its teacher tak
 
     python distill.py out/mdlm_text8_cpu/ckpt.pt --out_dir out/mdlm_sdtt
     python distill.py out/duo_text8_cpu/ckpt.pt --out_dir out/duo_dcd --start_steps 512 --rounds 5
+    python distill.py DUO_CKPT --out_dir DIR --model_arg dcd_gamma_min=-3   # DCD over another gamma range
     torchrun --standalone --nproc_per_node=8 distill.py CKPT --out_dir DIR
 
 The family decides the loss, model.distill_loss(teacher, x0, steps): SDTT for the D3PM and the masked model
@@ -21,6 +22,7 @@ Under torchrun every rank draws its own batches and the gradients are averaged (
 """
 import argparse
 import copy
+import inspect
 import json
 import os
 import sys
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from common import (EMA, UserError, all_reduce, atomic_save, comm_buffer, ddp_shutdown, default_dataset, open_model,
                     open_split, random_windows, rng_states, set_rng_states, start_processes)
+from configs import parse_value
 from families import read_checkpoint
 
 def parse_args(argv):
@@ -53,6 +56,9 @@ def parse_args(argv):
     p.add_argument("--ckpt_interval", type=int, default=500)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--model_arg", action="append", default=[], metavar="KEY=VALUE", help="change one of the model's "
+                   "constructor arguments for the distillation (repeatable; stored in the checkpoint), e.g. Duo's DCD "
+                   "time grid: --model_arg dcd_gamma_min=-3 (none: that option's alternative)")
     args = p.parse_args(argv)
     for key in ("rounds", "start_steps", "iters_per_round", "batch_size", "log_interval", "ckpt_interval"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -67,9 +73,36 @@ def say(*a):
         print(*a, flush=True)
 
 
+def with_model_args(model, texts):
+    """The model rebuilt with some constructor arguments changed ({key: text}: each read as the type of its current
+    value or signature default, "none" as None), the same weights; checkpoint_meta's model_args updated."""
+    meta = model.checkpoint_meta
+    defaults = {k: p.default for k, p in inspect.signature(type(model)).parameters.items() if p.default is not p.empty}
+    current = {**defaults, **meta["model_args"]}
+    changed = {}
+    for key, text in texts.items():
+        if key not in current:
+            raise UserError(f"--model_arg {key}: {type(model).__name__} has no such argument; it has {', '.join(current)}")
+        like = next((v for v in (current[key], defaults.get(key)) if v is not None), 0.0)  # the type to read
+        changed[key] = None if text.lower() == "none" else parse_value(f"model_arg {key}", text, like)
+    rebuilt = type(model)(**{**meta["model_args"], **changed})
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.checkpoint_meta = {**meta, "model_args": {**meta["model_args"], **changed}}
+    return rebuilt.to(next(model.parameters()).device).eval()
+
+
 def open_teacher(args, dev):
-    """The model to distil, its method name (SDTT / DCD) and the rounds' plan [(round, teacher steps)]."""
+    """The model to distil (with --model_arg changes), its method name (SDTT / DCD) and the rounds' plan
+    [(round, teacher steps)]."""
     model = open_model(args.ckpt, args.teacher_ema, dev)
+    texts = {}
+    for item in args.model_arg:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise UserError(f"--model_arg {item}: expected KEY=VALUE")
+        texts[key] = text
+    if texts:
+        model = with_model_args(model, texts)
     if getattr(model, "distill_loss", None) is None:
         raise UserError(f"{args.ckpt}: {type(model).__name__} has no few-step distillation (the D3PM, MDLM and Duo do)")
     method, start_steps, rounds = model.distill_defaults  # the family's method and its paper's plan

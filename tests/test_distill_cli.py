@@ -239,6 +239,32 @@ def test_duo_dcd_end_to_end(teachers, tmp_path, capsys):
     assert out["network_calls"] == 2 and all(len(s) == 32 for s in out["samples"])
 
 
+def test_model_arg_changes_the_dcd_grid(teachers, tmp_path, monkeypatch):
+    """--model_arg dcd_gamma_min=-3 (and none: the old grid) reaches the student that distill_loss runs on and is
+    stored in the checkpoint's model_args; the weights are the teacher's EMA weights as without it."""
+    from duo import Duo
+    seen = []
+    inner = Duo.distill_loss
+
+    def recorded(self, teacher, x0, steps):
+        seen.append((self.dcd_gamma_min, self.dcd_gamma_max, teacher.dcd_gamma_min))
+        return inner(self, teacher, x0, steps)
+
+    monkeypatch.setattr(Duo, "distill_loss", recorded)
+    quiet(distill, distill_args(teachers, "duo_tiny", tmp_path / "a", "--model_arg", "dcd_gamma_min=-3",
+                                "--iters_per_round", "1"))
+    assert seen and all(s == (-3.0, -1.0, -3.0) for s in seen)
+    ckpt = load(tmp_path / "a" / "ckpt.pt")
+    assert ckpt["model_args"]["dcd_gamma_min"] == -3.0
+    seen.clear()
+    quiet(distill, distill_args(teachers, "duo_tiny", tmp_path / "b", "--model_arg", "dcd_gamma_min=none",
+                                "--iters_per_round", "1"))
+    assert seen and all(s[0] is None for s in seen)
+    assert "has no such argument" in user_error(distill_args(teachers, "duo_tiny", tmp_path / "c", "--model_arg", "nope=1"))
+    assert "expected float" in user_error(distill_args(teachers, "duo_tiny", tmp_path / "c", "--model_arg",
+                                                       "dcd_gamma_min=abc"))
+
+
 # ---- one-line errors -------------------------------------------------------------------------------------
 def user_error(argv):
     """distill.main(argv) must raise common.UserError, which `python distill.py` prints as one line `error: ...`
