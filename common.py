@@ -39,7 +39,11 @@ def open_split(data_dir, split):
     npy, bin_ = os.path.join(data_dir, f"{split}.npy"), os.path.join(data_dir, f"{split}.bin")
     try:
         if os.path.exists(npy):
-            return np.load(npy, mmap_mode="r")
+            data = np.load(npy, mmap_mode="r")
+            if data.ndim != 1:  # rows of prompt -> answer pairs (data/prepare_pairs.py), not a stream of text
+                raise UserError(f"{data_dir} is a pair dataset (one prompt -> answer row each, data/prepare_pairs.py): "
+                                f"conditional training and answering are not implemented yet")
+            return data
         if os.path.exists(bin_):
             return np.memmap(bin_, dtype=np.uint16, mode="r")
     except (ValueError, OSError) as e:

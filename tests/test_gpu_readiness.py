@@ -166,3 +166,4 @@ def test_evaluate_compile_option(tmp_path, tiny_text8):
         eager = call_main(evaluate, argv)
         compiled = call_main(evaluate, argv + ["--compile", "--compile_backend", "aot_eager"])
     assert compiled["bpt"] == pytest.approx(eager["bpt"], rel=1e-5) and compiled["batches"] == 3
+

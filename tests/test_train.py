@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ import configs
 import d3pm
 import families
 import train
-from common import UserError
+from common import UserError, open_split
 from conftest import call_main
 
 TINY_MODEL_ARGS = configs.d3pm_tiny()[1]
@@ -491,3 +492,11 @@ def test_each_family_clips_as_its_paper():
     for name in configs.NAMES:
         cls, _, training_args = getattr(configs, name)()
         assert training_args.get("grad_clip") == expected[cls.__name__], name
+
+
+def test_a_pair_dataset_is_refused_in_one_line(tmp_path):
+    """Rows of prompt -> answer pairs (a 2-D array) are not a text stream: the scripts refuse them until conditional
+    training lands, instead of cutting windows across rows."""
+    np.save(tmp_path / "train.npy", np.zeros((4, 16), dtype=np.uint16))
+    with pytest.raises(UserError, match="pair dataset"):
+        open_split(str(tmp_path), "train")
