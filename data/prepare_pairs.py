@@ -226,8 +226,8 @@ def task_pairs(name, n_train, n_test, seed, params):
     task_defaults(tasks, name)
     try:
         train, test = tasks.split(name, n_train, n_test, seed, **params)
-    except (ValueError, TypeError) as e:  # e.g. parameters the task refuses
-        raise PrepareError(f'task {name!r}: {_one_line(e)}') from None
+    except ValueError as e:  # tasks.py's one-line refusals: impossible parameters, too few distinct problems
+        raise PrepareError(f'task {name!r}: {" ".join(str(e).split())}') from None
     checked = []
     for split, pairs in (('train', train), ('test', test)):
         checked.append([_pair(p, a, f'task {name!r} {split} pair {i}', 'prompt', 'answer')

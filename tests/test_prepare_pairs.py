@@ -346,3 +346,7 @@ def test_task_params_options_and_errors(tmp_path):
         assert main(['--task', name, '--n_train', 20, '--n_test', 5, f'--{k}', tasks.TASKS[name][k],
                      '--out', tmp_path / 'p']) == 0
         assert load(tmp_path / 'p')[0]['task']['params'][k] == tasks.TASKS[name][k]
+    res = run_script([SCRIPT, '--task', 'addition', '--n_train', 5, '--n_test', 2, '--min_digits', 0,
+                      '--out', tmp_path / 'q'], timeout=60)
+    assert_one_line_error(res, "task 'addition'", 'min_digits')
+    assert not (tmp_path / 'q').exists()
