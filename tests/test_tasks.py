@@ -359,7 +359,7 @@ def test_split(name):
 def test_checker_never_raises_on_malformed_answers(name):
     rng = random.Random(name)
     prompt, answer = tasks.generate(name, 1, seed=12)[0]
-    candidates = ['', ' ', ',', '=', '|', '>', '1' * 5000, '9' * 1200 + '*2=1', answer * 2, answer[::-1]]
+    candidates = ['', ' ', ',', '=', '|', '>', '1' * 5000, '1' * 5000 + '+1=2', '9' * 1200 + '*2=1', answer * 2, answer[::-1]]
     for _ in range(300):
         k = rng.randrange(len(answer) + 1)
         candidates.append(answer[:k] + rng.choice(tasks.ALPHABET + '\n') + answer[k + 1:])  # a change
@@ -402,3 +402,13 @@ def test_one_line_value_errors():
         with pytest.raises(ValueError) as e:
             case()
         assert str(e.value) and '\n' not in str(e.value), (i, str(e.value))
+
+
+def test_sudoku_distinct_by_solution_grid(monkeypatch, sudokus):
+    """Two puzzles of one grid count as one problem: generate skips the second, so split's train and test
+    never share a solution. (Random grids practically never repeat, so a fake maker shows it.)"""
+    (p1, s1), (p2, s2) = sudokus[:2]
+    other = ''.join('0' if c != '0' and i % 7 == 0 else c for i, c in enumerate(p1))  # another puzzle of s1
+    made = iter([(p1, s1), (other, s1), (p2, s2)])
+    monkeypatch.setitem(tasks._MAKE, 'sudoku', lambda rng, **p: next(made))
+    assert tasks.generate('sudoku', 2, seed=0) == [(p1, s1), (p2, s2)]
