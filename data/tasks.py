@@ -52,6 +52,12 @@ addition    two numbers, each of min_digits..max_digits (default 1..5) digits (t
             then the number), no leading zeros. Prompt "a+b=", answer the decimal sum.
                 5454+71=   ->   5525
             Checker: the answer is the sum written without leading zeros.
+
+Limits: path_star needs nodes >= 1 + degree * arm_length; sudoku 17 <= min_givens <= max_givens <= 81
+(each puzzle aims at a count drawn from the range and keeps a few more givens when no blank can be added
+without losing uniqueness; 22..23 still works, slowly, but e.g. 20..22 fails 50 grids in a row: ValueError);
+countdown numbers in 2..6; addition up to 1000 digits. generate raises ValueError when a setting has
+too few distinct problems (MAX_MISSES duplicates in a row).
 """
 
 import random
