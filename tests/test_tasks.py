@@ -262,12 +262,12 @@ def test_countdown_generator_answers_perturbed():
         assert not tasks.check('countdown', prompt, ','.join(eqs[:-1] + [f'{lhs}={int(c) + 1}']))  # false
         assert not tasks.check('countdown', prompt, ','.join(eqs[:-1]))
         assert not tasks.check('countdown', prompt, ','.join(eqs + eqs[-1:]))
-        # the first equation's second operand replaced by a number not in the prompt (result adjusted)
-        a, op, b = next((eqs[0].split(o)[0], o, eqs[0].split(o)[1].split('=')[0]) for o in '+-*/' if o in eqs[0])
-        nums = [int(x) for x in prompt.split(':')[0].split(',')]
-        x = max(nums) + 1
-        first = f'{a}*{x}={int(a) * x}'
-        assert not tasks.check('countdown', prompt, ','.join([first] + eqs[1:]))
+        # the same (true, complete) answer for a prompt whose numbers lack its first operand
+        a = int(next(eqs[0].split(o)[0] for o in '+-*/' if o in eqs[0]))
+        nums_s, target = prompt.split(':')
+        nums = [int(x) for x in nums_s.split(',')]
+        other = sorted(max(nums) + 1 if x == a else x for x in nums)
+        assert not tasks.check('countdown', f"{','.join(map(str, other))}:{target}", answer)
 
 
 # ---- addition -----------------------------------------------------------------------------------------
@@ -359,7 +359,8 @@ def test_split(name):
 def test_checker_never_raises_on_malformed_answers(name):
     rng = random.Random(name)
     prompt, answer = tasks.generate(name, 1, seed=12)[0]
-    candidates = ['', ' ', ',', '=', '|', '>', '1' * 5000, '1' * 5000 + '+1=2', '9' * 1200 + '*2=1', answer * 2, answer[::-1]]
+    candidates = ['', ' ', ',', '=', '|', '>', '1' * 5000, '1' * 5000 + '+1=2', '9' * 1200 + '*2=1',
+                  answer * 2, answer[::-1]]
     for _ in range(300):
         k = rng.randrange(len(answer) + 1)
         candidates.append(answer[:k] + rng.choice(tasks.ALPHABET + '\n') + answer[k + 1:])  # a change
