@@ -10,16 +10,25 @@ arguments (its `model_args`, stored in every checkpoint), with:
                       families also use it as their mask token; a family without a mask still reads it
                       as "to generate", and may use the id for anything else internally)
     net               its DiT
-    forward(x0)                                 -> (logits, loss, metrics)
+    forward(x0, clean=None)                     -> (logits, loss, metrics)
                       training on a (B, L) batch of clean ids: loss is minimised; metrics is a dict of 0-dim
                       tensors that holds at least "bound", a one-sample estimate of the model's bound in
                       nats/token (train.py logs every entry)
-    batch_bound(x0, offset, generator=None, T=None) -> float64 0-dim tensor
+    batch_bound(x0, offset, generator=None, T=None, clean=None) -> float64 0-dim tensor
                       one unbiased estimate of the model's bound (nats/token) on a (B, L) batch, one network
                       call, stratified over the batch by offset in [0, 1); evaluate.py averages them.
                       T = N: the bound of an N-step sampler instead; a family whose bound has no such
                       variant raises ValueError
                       first_given=True (optional; passed only to a family that takes it): x0[:, 0] given, not scored
+    clean             conditional generation (prompt -> answer rows, data/prepare_pairs.py): an optional (B, L) bool
+                      tensor, True at the positions given and held fixed (the prompt). They are never noised and
+                      never scored; the bound is that of the other positions given them, -log p(answer | prompt)
+                      bounded, per scored token: the mean over rows of (the row's bound) / (its scored positions),
+                      each row with at least one. metrics["bound"] and the loss use the same normalisation.
+                      clean=None is the unconditional model, unchanged. Each family's file states its conditional
+                      bound (the masked families mask only unclean positions; the autoregressive model scores only
+                      them; block diffusion keeps the prompt clean inside whatever block it ends in; Duo never
+                      noises it).
     bound_name(T=None) -> str                   what batch_bound estimates, for the printout
     sample(x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", **opts)
                                                 -> (samples, network calls)
