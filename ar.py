@@ -9,6 +9,12 @@ the diffusion models do and its bits/token are directly comparable with their bo
 input is a constant 0 (its adaLN modulation becomes a learned constant). The loss is the exact NLL:
 evaluate.py's "bound" for this model is its exact negative log-likelihood.
 
+Conditional (families.py's clean mask C, the prompt): only the factors of the positions outside C are scored,
+    -log p(x^U | x^C) = - sum_{i not in C} log p(x^i | x^{<i})   (the chain rule, when C is a prefix),
+per row divided by |U|, then the mean over rows. The prompt is still the input of every later factor. When C is not
+a prefix the same sum is scored (the unclean factors of the chain rule; a left-to-right model cannot condition on
+later tokens), which is then not -log p(x^U | x^C).
+
 Sampling is left to right with a KV cache: one network call per generated token (plus one for the prompt).
 """
 import math
@@ -18,6 +24,24 @@ import torch.nn as nn
 
 from model import CrossEntropy, DiT, KVCache
 from sampling import draw
+
+
+def scored_positions(x0, clean, check=False):
+    """~clean, the positions scored, after checking clean is a (B, L) bool tensor like x0; check=True (evaluation,
+    a host sync): also that every row has at least one position to score (else ValueError)."""
+    if clean.dtype != torch.bool or clean.shape != x0.shape:
+        raise ValueError(f"clean must be a bool tensor of the batch's shape {tuple(x0.shape)}, "
+                         f"not {clean.dtype} {tuple(clean.shape)}")
+    scored = ~clean
+    if check and not scored.any(1).all():
+        raise ValueError("clean: a row has every position given (nothing to score)")
+    return scored
+
+
+def row_mean(values, scored):
+    """mean over rows of (sum of values over the row's scored positions) / (their number): (B, L) -> 0-dim."""
+    total = torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(1)
+    return (total / scored.sum(1)).mean()
 
 
 class AR(nn.Module):
@@ -40,24 +64,38 @@ class AR(nn.Module):
         start = torch.full_like(x0[:, :1], self.mask_id)
         return self.logits(torch.cat([start, x0[:, :-1]], dim=1))
 
-    def forward(self, x0):
+    def forward(self, x0, clean=None):
         """Returns (logits, loss, metrics): loss = mean next-token cross-entropy (nats/token) = the exact
-        NLL per token; metrics ce, bound (= loss) and bpt, 0-dim tensors."""
+        NLL per token; metrics ce, bound (= loss) and bpt, 0-dim tensors. clean (B, L) bool: the cross-entropy of
+        the unclean positions only, per row over its unclean count, then the mean over rows (see the top)."""
         logits = self.shifted_logits(x0)
-        loss = CrossEntropy.apply(logits.flatten(0, 1), x0.flatten()).mean()
+        ce = CrossEntropy.apply(logits.flatten(0, 1), x0.flatten())
+        loss = ce.mean() if clean is None else row_mean(ce.view(x0.shape), scored_positions(x0, clean))
         metrics = dict(ce=loss.detach(), bound=loss.detach(), bpt=loss.detach() / math.log(2))
         return logits, loss, metrics
 
     def bound_name(self, T=None):
         return "exact NLL"
 
-    def batch_bound(self, x0, offset=0.0, generator=None, T=None, first_given=False):
+    def batch_bound(self, x0, offset=0.0, generator=None, T=None, first_given=False, clean=None):
         """The exact NLL (nats/token, float64 0-dim) of a (B, L) batch; deterministic. T: not applicable.
         first_given=True: x^0 of each window is given (a BOS) and not scored, as the papers' AR baseline scores
         windows (MDLM diffusion.py: input x[:, :-1], targets x[:, 1:]): the mean of -log p(x^i | s, x^{<i}) over
-        i = 1..L-1, i.e. (-log p(x) + log p(x^0)) / (L - 1)."""
+        i = 1..L-1, i.e. (-log p(x) + log p(x^0)) / (L - 1).
+        clean (B, L) bool: -log p(x^U | x^C) per unclean token, row by row, then the mean over rows (see the top);
+        with first_given too, position 0 counts as clean as well (the prompt's first token: redundant when the prompt
+        holds it). A row with nothing to score is a ValueError."""
         if T is not None:
             raise ValueError("the autoregressive model's NLL is exact; --T applies to continuous-time models")
+        if clean is not None:
+            scored = scored_positions(x0, clean, check=True)
+            if first_given:
+                scored = scored.clone()
+                scored[:, 0] = False
+                if not scored.any(1).all():
+                    raise ValueError("first_given with clean: a row has no position left to score")
+            ce = CrossEntropy.apply(self.shifted_logits(x0).flatten(0, 1), x0.flatten()).view(x0.shape)
+            return row_mean(ce.double(), scored)
         if first_given and x0.shape[1] < 2:
             raise ValueError("first_given: a window of one token has nothing to score")
         logits = self.shifted_logits(x0)
