@@ -15,6 +15,11 @@ taken on the x_t half only. evaluate.py integrates all of [0, 1] per block (batc
 of mdlm.py, one random number of masked positions k_b ~ U{1..L'} per block), so the numbers are bounds
 comparable with the other families.
 
+Conditional (families.py's clean mask: the prompt C, given). The prompt stays clean inside whatever block it
+ends in: x_t^C = x_0^C in the x_t half, so block b's term bounds -log p(x_0^{U_b} | x_0^{C_b}, x_0^{<b}), U_b
+its unclean positions (n_b of them), by mdlm.py's conditional NELBO; summed over blocks it bounds
+-log p(x_0^U | x_0^C). Per row: sum_b NELBO_b / n, n = sum_b n_b; a block with n_b = 0 adds nothing.
+
 Sampling block by block, left to right, with any of mdlm.py's samplers inside a block. Clean blocks only
 ever attend to clean blocks, so their keys and values are computed once (a KV cache, exact). Beyond the
 training window the context slides: block j attends to blocks j - L/L' + 1 .. j, as in training (at every
@@ -26,7 +31,7 @@ import math
 
 import torch
 
-from mdlm import MDLM
+from mdlm import MDLM, hold, scored
 from model import KVCache
 
 try:
@@ -118,18 +123,23 @@ class BD3LM(MDLM):
         lo = max(self.t_eps, self.t_min)
         return lo + (self.t_max - lo) * r
 
-    def forward(self, x0, t=None):
-        """x0: (B, L); t: (B, L / block_size) block times (draw_times if None).
-        loss = mean_b sum_blocks w(t_block) sum_{l in block} masked_ce / L. Returns (logits, loss, metrics)."""
+    def forward(self, x0, t=None, clean=None):
+        """x0: (B, L); t: (B, L / block_size) block times (draw_times if None); clean: (B, L) bool, the prompt
+        (kept unmasked in x_t, never scored) or None; n = the row's unclean positions (L without clean).
+        loss = mean_rows sum_blocks w(t_block) sum_{l in block} masked_ce / n. Returns (logits, loss, metrics)."""
         B, L = x0.shape
         nb = self.block_count(L)
         if t is None:
             t = self.draw_times(B, x0.device, blocks=nb)
         t_tok = t.repeat_interleave(L // nb, dim=1)
-        x_t = self.q_sample(x0, t_tok)
+        x_t = hold(self.q_sample(x0, t_tok), x0, clean)
         logits = self.train_logits(x_t, x0)
         ce = self.masked_ce(logits, x0, x_t)
-        loss = (self.weight(t_tok).float().to(x0.device) * ce).sum(1).mean() / L
+        per_row = (self.weight(t_tok).float().to(x0.device) * ce).sum(1)
+        if clean is None:
+            loss = per_row.mean() / L
+        else:
+            loss = (per_row / scored(clean).clamp(min=1).float()).mean()
         n_masked = (x_t == self.mask_id).sum().clamp(min=1)
         metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=loss.detach(), bpt=loss.detach() / math.log(2))
         return logits, loss, metrics
@@ -137,11 +147,14 @@ class BD3LM(MDLM):
     def bound_name(self, T=None):
         return f"{super().bound_name(T)}, blocks of {self.block_size}"
 
-    def batch_bound(self, x0, offset, generator=None, T=None):
-        """One unbiased estimate (nats/token) of sum_b NELBO_b / L on a (B, L) batch, one network call.
-        Block b of row i is stratified by (i + offset_b) / B with offset_b = (offset + b/nb) mod 1 over the nb blocks.
-        T = None: k masked positions, k = 1 + floor(L' (i + offset_b) / B), at random in the block, and
-        NELBO_b / L' = E[(1/k) sum_masked -log p]; T = N: the N-step bound per block (see mdlm.py)."""
+    def batch_bound(self, x0, offset, generator=None, T=None, clean=None):
+        """One unbiased estimate (nats/token) of mean_rows sum_b NELBO_b / n on a (B, L) batch, one network call;
+        clean (B, L) bool: the prompt, given (n_b = block b's unclean positions, n = sum_b n_b; without clean
+        n_b = L', n = L). Block b of row i is stratified by (i + offset_b) / B with offset_b = (offset + b/nb)
+        mod 1 over the nb blocks. T = None: k = 1 + floor(n_b (i + offset_b) / B) of the block's unclean
+        positions masked at random, NELBO_b / n_b = E[(1/k) sum_masked -log p] (k uniform on 1..n_b for rows
+        in random order), so the row scores sum_b n_b (1/k) sum_masked / n; T = N: the N-step bound per block
+        (see mdlm.py), sum_b N w_b sum_masked / n."""
         B, L = x0.shape
         nb = self.block_count(L)
         size = L // nb
@@ -149,20 +162,27 @@ class BD3LM(MDLM):
         i = torch.arange(B, dtype=torch.float64, device=dev)[:, None]
         offsets = (offset + torch.arange(nb, dtype=torch.float64, device=dev)[None, :] / nb) % 1
         strata = (i + offsets) / B  # (B, nb), uniform in [0, 1) for each block
+        n = None if clean is None else scored(clean, True)  # (B,)
         if T:
             j = (1 + torch.floor(strata * T)).clamp(max=T)
             t, s = j / T, (j - 1) / T
-            x_t = self.q_sample(x0, t.repeat_interleave(size, dim=1), generator)
+            x_t = hold(self.q_sample(x0, t.repeat_interleave(size, dim=1), generator), x0, clean)
             w = (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t))
             ce = self.masked_ce(self.train_logits(x_t, x0), x0, x_t).double().view(B, nb, size).sum(2)
-            return T * (w * ce).mean(0).sum() / L
-        k = (1 + torch.floor(strata * size)).clamp(max=size)
+            return T * (w * ce).mean(0).sum() / L if clean is None else T * ((w * ce).sum(1) / n).mean()
+        n_b = None if clean is None else (~clean).view(B, nb, size).sum(2).double()  # (B, nb)
+        k = (1 + torch.floor(strata * size)).clamp(max=size) if clean is None else \
+            torch.minimum(1 + torch.floor(strata * n_b), n_b)  # 0 in a block with nothing to score
         score = torch.rand((B, nb, size), dtype=torch.float64, device=dev, generator=generator)
+        if clean is not None:
+            score = torch.where(clean.view(B, nb, size), 2.0, score)  # the prompt last: k first ranks are unclean
         rank = score.argsort(dim=2).argsort(dim=2)  # a uniformly random order inside each block
         masked = (rank < k[..., None]).view(B, L)
         x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         ce = self.masked_ce(self.train_logits(x_t, x0), x0, x_t).double().view(B, nb, size).sum(2)
-        return (ce / k).mean(0).mean()
+        if clean is None:
+            return (ce / k).mean(0).mean()
+        return ((n_b * ce / k.clamp(min=1)).sum(1) / n).mean()
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def sample_ancestral(self, x, steps, generator=None):

@@ -28,6 +28,13 @@ the mean cross-entropy over the masked positions of a uniformly random number of
 The discrete T-step bound (what a T-step ancestral sampler is scored by) is
     L_T = sum_{i=1}^T E[ (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)) sum_{masked} -log p(x_0 | x_{t_i}) ],
     t_i = i/T, s_i = (i-1)/T,  and L_T decreases to the NELBO as T grows.
+
+Conditional (families.py's clean mask C, the prompt; U = the other positions, n = |U| >= 1 per row). Only U
+is noised: x_t^C = x_0^C always, and the network sees it. Everything above holds for the masked positions
+of U with x_0^C as fixed context, so
+    -log p(x_0^U | x_0^C) <= NELBO(x_0^U | x_0^C) = int_0^1 w(t) E[ sum_{l in U, masked} -log p(x_0^l | x_t) ] dt,
+with k ~ Bin(n, u), the any-order form E_{k ~ U{1..n}} E_{u ~ Beta(k, n-k+1)} E_{k random of U masked}[(1/k) sum]
+of NELBO / n, and L_T likewise. Loss, metrics["bound"] and batch_bound are mean over rows of (row bound) / n.
 """
 import math
 
@@ -84,12 +91,13 @@ class MDLM(nn.Module):
         logits[..., self.mask_id] = float("-inf")
         return logits
 
-    def q_sample(self, x0, t, generator=None):
-        """x_t ~ q(x_t | x_0): mask each token independently w.p. 1 - alpha(t). t: (B,) or per token (B, L)."""
+    def q_sample(self, x0, t, generator=None, clean=None):
+        """x_t ~ q(x_t | x_0): mask each token independently w.p. 1 - alpha(t). t: (B,) or per token (B, L).
+        clean (B, L) bool: those positions stay x_0 (the same uniforms are drawn: the stream is unchanged)."""
         keep = self.alpha(t).to(x0.device)
         keep = keep[:, None] if keep.dim() == 1 else keep
         u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
-        return torch.where(u < keep, x0, torch.full_like(x0, self.mask_id))
+        return hold(torch.where(u < keep, x0, torch.full_like(x0, self.mask_id)), x0, clean)
 
     def masked_ce(self, logits, x0, x_t):
         """Per-token -log p(x_0 | x_t) on masked positions, 0 elsewhere: (B, L) float32."""
@@ -106,20 +114,25 @@ class MDLM(nn.Module):
             r = torch.rand(B, dtype=torch.float64, device=device, generator=generator)
         return self.t_eps + (1 - self.t_eps) * r
 
-    def forward(self, x0, t=None):
-        """x0: (B, L). t: (B,) float times, drawn by draw_times if None.
-        bound = mean_b w(t_b) sum_l masked_ce / L  (a one-sample estimate of NELBO/L on [t_eps, 1]);
-        loss = bound (loss_weighting "elbo"), or mean_b sum_l masked_ce / L ("masked_ce": every masked token
+    def forward(self, x0, t=None, clean=None):
+        """x0: (B, L). t: (B,) float times, drawn by draw_times if None. clean: (B, L) bool, the prompt (never
+        masked, never scored), or None; n_b = the row's unclean positions (L without clean).
+        bound = mean_b w(t_b) sum_l masked_ce / n_b  (a one-sample estimate of NELBO/n on [t_eps, 1]);
+        loss = bound (loss_weighting "elbo"), or mean_b sum_l masked_ce / n_b ("masked_ce": every masked token
         weighs 1 whatever its t, the weighting the D3PM's auxiliary cross-entropy gives it; not a bound).
         Returns (logits, loss, metrics): ce (mean masked cross-entropy), bound and bpt, all 0-dim tensors."""
         B, L = x0.shape
         if t is None:
             t = self.draw_times(B, x0.device)
-        x_t = self.q_sample(x0, t)
+        x_t = hold(self.q_sample(x0, t), x0, clean)
         logits = self.logits(x_t, t)
         ce = self.masked_ce(logits, x0, x_t)
-        bound = (self.weight(t).float().to(x0.device) * ce.sum(1) / L).mean()
-        loss = bound if self.loss_weighting == "elbo" else ce.sum() / (B * L)
+        n = L if clean is None else scored(clean).clamp(min=1).float()  # (a row with none would score 0)
+        bound = (self.weight(t).float().to(x0.device) * ce.sum(1) / n).mean()
+        if self.loss_weighting == "elbo":
+            loss = bound
+        else:
+            loss = ce.sum() / (B * L) if clean is None else (ce.sum(1) / n).mean()
         n_masked = (x_t == self.mask_id).sum().clamp(min=1)
         metrics = dict(ce=(ce.sum() / n_masked).detach(), bound=bound.detach(), bpt=bound.detach() / math.log(2))
         return logits, loss, metrics
@@ -139,27 +152,33 @@ class MDLM(nn.Module):
     def bound_name(self, T=None):
         return f"{T}-step bound" if T else "continuous NELBO"
 
-    def batch_bound(self, x0, offset, generator=None, T=None):
+    def batch_bound(self, x0, offset, generator=None, T=None, clean=None):
         """One unbiased estimate (float64 0-dim, nats/token) of the bound on a (B, L) batch; offset in [0, 1)
-        stratifies the batch. T = None: the whole continuous NELBO (see the top of this file): row i gets
-        k_i = 1 + floor((i + offset) L / B) masked positions at random, u_i ~ Beta(k_i, L - k_i + 1), and
-        scores the mean masked cross-entropy; each stratum of k has probability 1/B, so the batch mean is
-        unbiased. T = N: the N-step bound, row i at step j_i = 1 + floor((i + offset) N / B), weight N."""
+        stratifies the batch. clean (B, L) bool: the prompt, given (see the top of this file); n_i = row i's
+        unclean positions (L without clean): the estimate is of mean_i NELBO(x_0^U | x_0^C)_i / n_i.
+        T = None: the whole continuous NELBO: row i gets k_i = 1 + floor((i + offset) n_i / B) of its unclean
+        positions masked at random, u_i ~ Beta(k_i, n_i - k_i + 1), and scores the mean masked cross-entropy.
+        With the rows in random order each row's stratum (i + offset)/B is uniform on [0, 1), so its k_i is
+        uniform on 1..n_i and the batch mean is unbiased. T = N: the N-step bound, row i at step
+        j_i = 1 + floor((i + offset) N / B), weight N, its masked cross-entropy divided by n_i."""
         B, L = x0.shape
         dev = x0.device
         i = torch.arange(B, dtype=torch.float64, device=dev)
+        n = torch.full((B,), float(L), dtype=torch.float64, device=dev) if clean is None else scored(clean, True)
         if T:
             j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
             t, s = j / T, (j - 1) / T
-            x_t = self.q_sample(x0, t, generator)
+            x_t = hold(self.q_sample(x0, t, generator), x0, clean)
             w = (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t))
             ce = self.masked_ce(self.logits(x_t, t), x0, x_t).double().sum(1)
-            return T * (w.to(dev) * ce).mean() / L
-        k = (1 + torch.floor((i + offset) / B * L)).clamp(max=L)
-        u = beta_sample(k, L - k + 1, generator)
+            return T * (w.to(dev) * ce).mean() / L if clean is None else T * (w.to(dev) * ce / n).mean()
+        k = torch.minimum(1 + torch.floor((i + offset) / B * n), n)
+        u = beta_sample(k, n - k + 1, generator)
         t = self.alpha_inverse(1 - u)
         score = torch.rand((B, L), dtype=torch.float64, device=dev, generator=generator)
-        rank = score.argsort(dim=1).argsort(dim=1)  # a uniformly random order of the positions
+        if clean is not None:
+            score = torch.where(clean, 2.0, score)  # the prompt last: the k first ranks are unclean positions
+        rank = score.argsort(dim=1).argsort(dim=1)  # a uniformly random order of the (unclean) positions
         x_t = torch.where(rank < k[:, None].to(dev), torch.full_like(x0, self.mask_id), x0)
         ce = self.masked_ce(self.logits(x_t, t.to(dev)), x0, x_t).double().sum(1)
         return (ce / k.to(dev)).mean()
@@ -234,6 +253,20 @@ class MDLM(nn.Module):
             every_step = None if cache else grid[1:].flip(0)
         u = torch.rand((B, L), dtype=torch.float64, device=dev, generator=generator)
         return unmask_at_event_times(logits_fn, x, tau, u, self.mask_id, callback, every_step, whole_batch, **opts)
+
+
+def hold(x_t, x0, clean):
+    """x_t with the clean positions (the prompt, (B, L) bool, or None: none) reset to x_0."""
+    return x_t if clean is None else torch.where(clean, x0, x_t)
+
+
+def scored(clean, check=False):
+    """The number of unclean (scored) positions per row, (B,) float64. check: raise ValueError if a row has
+    none (its bound per scored token is undefined; a host sync, for evaluation only)."""
+    n = (~clean).sum(1).double()
+    if check and bool((n == 0).any()):
+        raise ValueError("clean: every row needs at least one position that is not given")
+    return n
 
 
 def beta_sample(a, b, generator):
