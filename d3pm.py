@@ -17,6 +17,11 @@ Objective (nanoDD): t ~ U{0..T-1} per sequence, the network sees (x_{t+1}, t+1);
     loss = kl + lambda_ce * ce   (t >= 1),     loss = ce   (t = 0, the reconstruction term),
 with ce = -log p(x_0 | x_{t+1}) at every position. The T-step bound in nats per token is
     L_T = sum_{t=1}^{T-1} E[kl_t] + E[ce_0] = (T-1) E_{t~U{1..T-1}}[kl_t] + E[ce_0].
+
+Conditional (families.py's clean: the prompt P given, the answer A = the other positions). q masks only A; the
+network always sees the prompt; per row the bound on -log p(x_A | x_P) is
+    L_T(A | P) = sum_{t=1}^{T-1} E[sum_{l in A} kl_t,l] + E[sum_{l in A} ce_0,l],
+and the loss, the metrics and batch_bound report the mean over rows of L_T(A | P) / |A| (clean=None: A = all).
 """
 import math
 
@@ -73,8 +78,21 @@ class D3PMAbsorbing(nn.Module):
         kl = w[:, None] * ce * (x_noisy == self.mask_id)
         return kl, ce
 
-    def forward(self, x0, t=None):
-        """x0: (B, L) clean ids. t: (B,) long in {0..T-1}, drawn uniformly if None.
+    @staticmethod
+    def row_means(v, clean):
+        """(B,) mean of v (B, L) over each row's scored positions (~clean; at least one counted)."""
+        scored = ~clean
+        return (v * scored).sum(1) / scored.sum(1).clamp(min=1)
+
+    def noise(self, x0, t, generator=None, clean=None):
+        """x_t ~ q(x_t | x_0) with the clean positions kept (the draws of q_sample for every position: the same
+        random stream as without clean)."""
+        x_noisy = self.q_sample(x0, t, generator) if generator is not None else self.q_sample(x0, t)
+        return x_noisy if clean is None else torch.where(clean, x0, x_noisy)
+
+    def forward(self, x0, t=None, clean=None):
+        """x0: (B, L) clean ids. t: (B,) long in {0..T-1}, drawn uniformly if None. clean: (B, L) bool or None,
+        the prompt (never noised, never scored; each row normalised by its unclean positions).
 
         Returns (logits, loss, metrics) with metrics kl, ce, l_T (nats/token), bpt (bits/token),
         all 0-dim tensors (no host sync here).
@@ -82,19 +100,27 @@ class D3PMAbsorbing(nn.Module):
         B = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.T, (B,), device=x0.device)
-        x_noisy = self.q_sample(x0, t + 1)
+        x_noisy = self.noise(x0, t + 1, clean=clean)
         logits = self.logits(x_noisy, t + 1)
         kl, ce = self.loss_terms(logits, x0, x_noisy, t)
 
         is_kl = (t >= 1)[:, None]  # (B, 1)
-        loss = torch.where(is_kl, kl + self.lambda_ce * ce, ce).mean()
-
+        per_tok = torch.where(is_kl, kl + self.lambda_ce * ce, ce)
         n_kl, n_ce = is_kl.sum(), (~is_kl).sum()
-        L = x0.shape[1]
-        kl_mean = (kl * is_kl).sum() / (n_kl * L).clamp(min=1)
-        ce0_mean = (ce * ~is_kl).sum() / (n_ce * L).clamp(min=1)
+        if clean is None:
+            loss = per_tok.mean()
+            L = x0.shape[1]
+            kl_mean = (kl * is_kl).sum() / (n_kl * L).clamp(min=1)
+            ce0_mean = (ce * ~is_kl).sum() / (n_ce * L).clamp(min=1)
+            ce_mean = ce.mean()
+        else:  # per row: sums over the answer / its length, then the mean over rows
+            kl_r, ce_r = self.row_means(kl, clean), self.row_means(ce, clean)
+            loss = self.row_means(per_tok, clean).mean()
+            kl_mean = (kl_r * is_kl[:, 0]).sum() / n_kl.clamp(min=1)
+            ce0_mean = (ce_r * ~is_kl[:, 0]).sum() / n_ce.clamp(min=1)
+            ce_mean = ce_r.mean()
         l_T = torch.where(n_ce > 0, kl_mean * (self.T - 1) + ce0_mean, kl_mean * self.T)
-        metrics = dict(kl=kl_mean.detach(), ce=ce.mean().detach(), l_T=l_T.detach(), bound=l_T.detach(),
+        metrics = dict(kl=kl_mean.detach(), ce=ce_mean.detach(), l_T=l_T.detach(), bound=l_T.detach(),
                        bpt=l_T.detach() / math.log(2))
         return logits, loss, metrics
 
@@ -112,27 +138,33 @@ class D3PMAbsorbing(nn.Module):
     def bound_name(self, T=None):
         return f"{self.T}-step bound"
 
-    def batch_bound(self, x0, offset, generator=None, T=None):
+    def batch_bound(self, x0, offset, generator=None, T=None, clean=None):
         """One unbiased, stratified estimate of L_T (nats/token, float64 0-dim) from a (B, L) batch; offset U in
         [0, 1). B >= 2: row 0 is scored at t = 0 (the reconstruction term, weight 1); rows i = 1..B-1 at
         t_i = 1 + floor((i - 1 + U)(T - 1)/(B - 1)): every stratum of {1..T-1} once, each t_i uniform in
         its stratum, so (T - 1) mean_i kl_{t_i} + ce_0 has expectation L_T. B = 1: the row takes t = floor(U T),
         uniform on {0..T-1}, and scores T ce_0 (t = 0) or T kl_t, whose expectation is ce_0 + sum_t kl_t = L_T.
-        T: only the model's own."""
+        clean (B, L) bool: the prompt is never noised, and each row scores the sums over its answer / its length,
+        so the expectation (rows in random order) is the mean over rows of L_T(A | P) / |A|. T: only the model's own."""
         if T not in (None, self.T):
             raise ValueError(f"the D3PM's bound has its own T = {self.T}; --T applies to continuous-time models")
         B, T = x0.shape[0], self.T
+
+        def per_row(v):  # (B,) float64: the mean over each row's scored positions
+            return v.double().mean(1) if clean is None else self.row_means(v.double(), clean)
         if B == 1:
             t = torch.full((1,), min(int(offset * T), T - 1), dtype=torch.long, device=x0.device)
-            x_noisy = self.q_sample(x0, t + 1, generator)
+            x_noisy = self.noise(x0, t + 1, generator, clean)
             kl, ce = self.loss_terms(self.logits(x_noisy, t + 1), x0, x_noisy, t)
-            return T * (ce if int(t) == 0 else kl).double().mean()
+            return T * per_row(ce if int(t) == 0 else kl)[0]
         i = torch.arange(B - 1, device=x0.device, dtype=torch.float64)
         t_kl = 1 + torch.floor((i + offset) / (B - 1) * (T - 1)).long().clamp(max=T - 2)
         t = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), t_kl])
-        x_noisy = self.q_sample(x0, t + 1, generator)
+        x_noisy = self.noise(x0, t + 1, generator, clean)
         kl, ce = self.loss_terms(self.logits(x_noisy, t + 1), x0, x_noisy, t)
-        return (T - 1) * kl[1:].double().mean() + ce[0].double().mean()
+        if clean is None:
+            return (T - 1) * kl[1:].double().mean() + ce[0].double().mean()
+        return (T - 1) * per_row(kl)[1:].mean() + per_row(ce)[0]
 
     # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
