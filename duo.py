@@ -29,6 +29,13 @@ with alpha = (V p - 1)/(V - 1) (gaussian_alpha). The curriculum trains, for the 
 on gamma linear in t over [gamma_min, gamma_max], feeding the network the soft input softmax(w_t / tau) (its
 embedding is probs @ embedding) while the loss uses z_t = argmax(w_t) and that alpha: a low-variance,
 nearly discrete input. Then the plain NELBO.
+
+Conditional (families.py's clean mask C, the prompt): the noise never touches the prompt, z_t^C = x^C at every t
+(q_sample; under the curriculum z_t = x0 there and the soft input is exactly onehot(x0)). The process factorises over
+the positions, so the NELBO of the answer given the prompt is the same integral with the integrand summed over the
+unclean positions U only (the network still reads the whole z_t, prompt included); likewise the T-step KLs:
+    -log p(x^U | x^C) <= int_0^1 E_{z_t^U} sum_{l in U} integrand_l dt,
+per row divided by |U|, then the mean over rows. clean=None: every position, the unconditional model.
 """
 import functools
 import math
@@ -36,6 +43,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ar import row_mean, scored_positions
 from model import DiT
 from sampling import CHUNK_ELEMENTS, draw, filter_logits
 
@@ -168,10 +176,13 @@ class Duo(nn.Module):
             return self.net(z_t, -torch.log(self.alpha(t).clamp(min=1e-3)).float())
         return self.net(z_t, 1000 * t.float())
 
-    def q_sample(self, x0, t, generator=None):
-        """z_t ~ q(z_t | x0): each token is replaced w.p. t by a uniformly random token. t: (B,)."""
+    def q_sample(self, x0, t, generator=None, clean=None):
+        """z_t ~ q(z_t | x0): each token is replaced w.p. t by a uniformly random token. t: (B,). clean (B, L) bool:
+        those tokens are never replaced (the same random draws as clean=None, so the other tokens are unchanged)."""
         u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         replace = u < t[:, None].to(x0.device)
+        if clean is not None:
+            replace = replace & ~clean
         noise = torch.randint(0, self.vocab_size, x0.shape, device=x0.device, generator=generator)
         return torch.where(replace, noise, x0)
 
@@ -198,31 +209,37 @@ class Duo(nn.Module):
             r = torch.rand(B, dtype=torch.float64, device=device)
         return self.t_eps + (1 - self.t_eps) * r
 
-    def curriculum_latents(self, x0, t):
+    def curriculum_latents(self, x0, t, clean=None):
         """The curriculum's inputs at times t in [0, 1] (gamma = gamma_min + t (gamma_max - gamma_min)):
-        (soft input softmax(w_t / tau), z_t = argmax w_t, alpha, dalpha/dt, the network's time 1 - alpha)."""
+        (soft input softmax(w_t / tau), z_t = argmax w_t, alpha, dalpha/dt, the network's time 1 - alpha).
+        clean (B, L) bool: there the soft input is exactly onehot(x0) and z_t = x0 (the same draws of eps)."""
         gamma = self.gamma_min + t * (self.gamma_max - self.gamma_min)
         alpha, dalpha_dgamma = gaussian_alpha(gamma, self.vocab_size, self.table())
         w = gaussian_latents(x0, gamma, self.vocab_size, torch.randn(*x0.shape, self.vocab_size, device=x0.device))
-        return (w / self.tau).softmax(-1), w.argmax(-1), alpha, dalpha_dgamma * (self.gamma_max - self.gamma_min), 1 - alpha
+        soft, z_t = (w / self.tau).softmax(-1), w.argmax(-1)
+        if clean is not None:
+            soft = soft.masked_fill(clean[..., None], 0.0).scatter_add_(-1, x0[..., None], clean[..., None].to(soft.dtype))
+            z_t = torch.where(clean, x0, z_t)
+        return soft, z_t, alpha, dalpha_dgamma * (self.gamma_max - self.gamma_min), 1 - alpha
 
-    def forward(self, x0, t=None):
+    def forward(self, x0, t=None, clean=None):
         """x0: (B, L). loss = bound = mean over the batch of the NELBO integrand at t ~ draw_times (a one-sample
         estimate of the NELBO per token on [t_eps, 1]); under the curriculum (training only), the integrand at
-        the curriculum's alpha and z_t with the soft input. Returns (logits, loss, metrics: bound, bpt, curriculum:
-        1.0 when the step used it)."""
+        the curriculum's alpha and z_t with the soft input. clean (B, L) bool: the prompt is never noised and the
+        integrand is averaged over each row's unclean positions, then over the rows (a row with none: NaN).
+        Returns (logits, loss, metrics: bound, bpt, curriculum: 1.0 when the step used it)."""
         if t is None:
             t = self.draw_times(x0.shape[0], x0.device)
         curriculum = self.training and self.in_curriculum
         if curriculum:
-            net_input, z_t, alpha, dalpha, t_net = self.curriculum_latents(x0, t)
+            net_input, z_t, alpha, dalpha, t_net = self.curriculum_latents(x0, t, clean)
         else:
-            z_t = net_input = self.q_sample(x0, t)
+            z_t = net_input = self.q_sample(x0, t, clean=clean)
             alpha, dalpha, t_net = self.alpha(t), -torch.ones_like(t), t
         logits = self.logits(net_input, t_net.to(x0.device))
         integrand = nelbo_integrand(logits.log_softmax(-1), z_t, x0, alpha[:, None].to(x0.device),
                                     dalpha[:, None].to(x0.device))
-        loss = integrand.mean()
+        loss = integrand.mean() if clean is None else row_mean(integrand, scored_positions(x0, clean))
         return logits, loss, dict(bound=loss.detach(), bpt=loss.detach() / math.log(2),
                                   curriculum=torch.full((), float(curriculum), device=x0.device))  # a fill, no host copy
 
@@ -265,7 +282,7 @@ class Duo(nn.Module):
     def bound_name(self, T=None):
         return f"{T}-step bound" if T else "continuous NELBO"
 
-    def batch_bound(self, x0, offset, generator=None, T=None):
+    def batch_bound(self, x0, offset, generator=None, T=None, clean=None):
         """One unbiased estimate (float64 0-dim, nats/token) on a (B, L) batch, offset in [0, 1) stratifying it.
         T = None: the NELBO over all of [0, 1] with t = u^2, int f(t) dt = int 2u f(u^2) du, row i at u_i = (i + offset)/B:
         near t = 0 a noisy token costs ~log(1/t)/t w.p. ~t, which under uniform t gives an infinite variance and
@@ -274,26 +291,30 @@ class Duo(nn.Module):
         noise of its z_t and the spread of the integrand over t: on corpus_a (batches of 64 x 128) the per-batch
         sd is 0.10 bits/char against the masked model's 0.054, so a standard error takes ~3.5x the batches.
         T = N: the N-step bound sum_j E KL(q(z_s | z_t, x) || q(z_s | z_t, x_theta)), s = t - 1/N (the last
-        step's KL is -log p(x | z_{1/N})), row i at step j_i = 1 + floor((i + offset) N / B), weight N."""
+        step's KL is -log p(x | z_{1/N})), row i at step j_i = 1 + floor((i + offset) N / B), weight N.
+        clean (B, L) bool: the prompt is held at x0 in z_t and each row's integrand (or KL) is averaged over its
+        unclean positions, then over the rows; a row with none is a ValueError."""
         B, L = x0.shape
+        scored = None if clean is None else scored_positions(x0, clean, check=True)
         dev = x0.device
         i = torch.arange(B, dtype=torch.float64, device=dev)
         if T:
             j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
             t, s = j / T, (j - 1) / T
-            z_t = self.q_sample(x0, t, generator)
+            z_t = self.q_sample(x0, t, generator, clean)
             x_theta = self.logits(z_t, t).double().softmax(-1)
             a_t, a_s = self.alpha(t)[:, None, None], self.alpha(s)[:, None, None]
             q = posterior(torch.nn.functional.one_hot(x0, self.vocab_size).double(), z_t, a_s, a_t)
             p = posterior(x_theta, z_t, a_s, a_t)
             kl = (torch.xlogy(q, q) - torch.xlogy(q, p)).sum(-1)
-            return T * kl.sum(1).mean() / L
+            return T * (kl.sum(1).mean() / L if clean is None else row_mean(kl, scored))
         u = (i + offset) / B
         t = (u * u).clamp(min=1e-12)
-        z_t = self.q_sample(x0, t, generator)
+        z_t = self.q_sample(x0, t, generator, clean)
         log_x_theta = self.logits(z_t, t).double().log_softmax(-1)
         integrand = nelbo_integrand(log_x_theta, z_t, x0, self.alpha(t)[:, None], -torch.ones_like(t)[:, None])
-        return (2 * u[:, None] * integrand).mean()
+        weighted = 2 * u[:, None] * integrand
+        return weighted.mean() if clean is None else row_mean(weighted, scored)
 
     # ---- sampling ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -200,3 +200,203 @@ def test_ar_no_prompt_is_the_unconditional_nll(ar):
     with torch.no_grad():
         assert ar.batch_bound(x, 0.0, None, clean=none).item() == pytest.approx(ar.batch_bound(x).item(), abs=1e-12)
         assert ar(x, clean=none)[1].item() == pytest.approx(ar(x)[1].item(), abs=1e-6)
+
+
+# ==== Duo ====================================================================================================
+L3 = 3
+SEQS = list(itertools.product(range(V), repeat=L3))                      # the 27 clean sequences = the 27 states
+X = np.array(SEQS)                                                        # (27, L3)
+MASKS = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=bool)  # prompts of length 1, 2, an infix, none
+# the batch's sequences: x^0 = x^1. Over all 27 (x uniform) a noised prompt would go unseen: z^C of a uniform x^C is
+# uniform whether noised or not, and the integrand at U depends on x only through x^U. Here x^C and x^U are dependent.
+ROWS = np.array([i for i, x in enumerate(SEQS) if x[0] == x[1]])
+GMIN, GMAX = -2.68, 1.59
+
+
+class CopyFirst(Duo):
+    """A Duo whose logits add COPY onehot(z_t^0) (the soft input's first vector) at every position to the random
+    network's: its predictions lean on position 0, which the batch's sequences (x^0 = x^1) reward, so that noising the
+    prompt costs clearly more than the standard errors (a random network barely reads its context)."""
+    COPY = 8.0
+
+    def logits(self, z_t, t):
+        first = z_t[:, 0] if z_t.dim() == 3 else torch.nn.functional.one_hot(z_t[:, 0], self.vocab_size).float()
+        return super().logits(z_t, t) + self.COPY * first[:, None, :]
+
+
+def make_duo(seed=3, **kw):
+    """A fixed random CopyFirst whose time embedding keeps only the frequencies 1000 f <= 20 (smooth in t). Eval mode."""
+    torch.manual_seed(0)
+    model = randomize_weights(CopyFirst(V, 16, 2, 1, 8, 0.0, **kw), seed)
+    with torch.no_grad():
+        first = model.net.c_embed.mlp[0].weight
+        fast = 1000 * 10 ** (-4 * torch.arange(128) / 128) > 20
+        first[:, torch.cat([fast, fast])] = 0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def duo_model():
+    return make_duo()
+
+
+@torch.no_grad()
+def x_theta_table(model, times):
+    """xth[n, z, l, v] = x_theta(SEQS[z])[l, v] at network time times[n], our float64 softmax of model.logits."""
+    times = np.atleast_1d(np.asarray(times, dtype=np.float64))
+    z = torch.tensor(SEQS).repeat(len(times), 1)
+    lg = model.logits(z, torch.tensor(times).repeat_interleave(len(SEQS))).double()
+    p = torch.exp(lg - lg.max(-1, keepdim=True).values)
+    return (p / p.sum(-1, keepdim=True)).numpy().reshape(len(times), len(SEQS), L3, V)
+
+
+def plain_integrand(x_theta, z, x, t):
+    """UDLM's integrand at alpha = 1 - t, alpha' = -1, written out: xbar = V a onehot(x) + 1 - a, xbar_theta = V a
+    x_theta + 1 - a, a'/(V a) [V/xbar[z] - V/xbar_theta[z] - sum_j xbar_j/xbar[z] log(xbar_theta[z] xbar_j /
+    (xbar_theta[j] xbar[z]))]. x_theta (..., V); z, x, t broadcastable to (...)."""
+    a = 1 - t
+    xbar = V * a[..., None] * np.eye(V)[x] + t[..., None]
+    xbar_theta = V * a[..., None] * x_theta + t[..., None]
+    xbar_z = np.take_along_axis(xbar, z[..., None], -1)[..., 0]
+    xbar_theta_z = np.take_along_axis(xbar_theta, z[..., None], -1)[..., 0]
+    total = 0.0
+    for j in range(V):
+        total = total + xbar[..., j] / xbar_z * np.log(xbar_theta_z * xbar[..., j] / (xbar_theta[..., j] * xbar_z))
+    return -1.0 / (V * a) * (V / xbar_z - V / xbar_theta_z - total)
+
+
+def q_states(t, clean):
+    """q(z | x)[n, x, z] = prod_l (clean l: 1[z_l = x_l]; else (1 - t) 1[z_l = x_l] + t/V), (N, 27, 27)."""
+    t = np.asarray(t, dtype=np.float64)[:, None, None, None]
+    same = X[None, :, None, :] == X[None, None, :, :]
+    noisy = np.where(same, 1 - t + t / V, t / V)
+    return np.where(clean, same, noisy).prod(-1)
+
+
+def row_values(per_pos, t, clean, score):
+    """E_z[sum_{l in score} per_pos[n, x, z, l]] / |score| under q_states(t, clean): (N, 27)."""
+    return (q_states(t, clean) * (per_pos * score).sum(-1)).sum(-1) / score.sum()
+
+
+def expected_integrand(model, t, clean, variant="right", net_time=None):
+    """(N, 27): for each clean sequence x, the expected conditional integrand per scored token at times t, the prompt
+    held at x (variant "prompt noised": noised like the rest; "prompt scored": all L positions scored)."""
+    t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+    xth = x_theta_table(model, t if net_time is None else net_time)
+    n = len(t)
+    f = plain_integrand(xth[:, None], np.broadcast_to(X[None, None], (n, 27, 27, L3)),
+                        np.broadcast_to(X[None, :, None], (n, 27, 27, L3)),
+                        np.broadcast_to(t[:, None, None, None], (n, 27, 27, L3)))
+    held = np.zeros(L3, bool) if variant == "prompt noised" else clean
+    score = np.ones(L3, bool) if variant == "prompt scored" else ~clean
+    return row_values(f, t, held, score)
+
+
+def gauss_legendre(edges, order=8):
+    x, w = np.polynomial.legendre.leggauss(order)
+    edges = np.asarray(edges, dtype=np.float64)
+    mid, half = (edges[1:] + edges[:-1]) / 2, (edges[1:] - edges[:-1]) / 2
+    return (mid[:, None] + half[:, None] * x).ravel(), (half[:, None] * w).ravel()
+
+
+def nelbo_rows(model, variant="right", panels=20, order=8, lo=-14):
+    """Oracle A per (mask, sequence in ROWS): int_0^1 of the expected conditional integrand per scored token,
+    Gauss-Legendre on geometric panels towards t = 0 (the integrand grows like log(1/t) there). (4, 9)."""
+    edges = np.concatenate([[0.0], np.logspace(lo, -1, 2 * (-lo - 1) + 1), np.linspace(0.1, 1, panels + 1)[1:]])
+    t, w = gauss_legendre(edges, order)
+    return np.stack([w @ expected_integrand(model, t, c, variant) for c in MASKS])[:, ROWS]
+
+
+def bayes_step(x, z_t, a_s, a_t):
+    """q(z_s = k | z_t, x) for x a probability vector (..., V): column z_t of Q_{t|s} = (a_t/a_s) I + (1 - a_t/a_s)
+    11^T/V times a_s x + (1 - a_s)/V, normalised."""
+    r = np.asarray(a_t / a_s, dtype=np.float64)[..., None]
+    column = r * np.eye(V)[z_t] + (1 - r) / V
+    joint = column * (np.asarray(a_s)[..., None] * x + (1 - np.asarray(a_s)[..., None]) / V)
+    return joint / joint.sum(-1, keepdims=True)
+
+
+def n_step_rows(model, N, variant="right"):
+    """Oracle B per (mask, sequence): sum over the N steps of E_z[sum_{l unclean} KL(q(z_s | z_t, x) || p(z_s | z_t))]
+    / |U|, t = j/N, s = t - 1/N, the prompt held at x in z_t (variant "prompt noised": noised). (4, 9)"""
+    j = np.arange(1, N + 1)
+    t, s = j / N, (j - 1) / N
+    a_t, a_s = (1 - t)[:, None, None, None], (1 - s)[:, None, None, None]
+    shape = (N, 27, 27, L3)
+    xth = np.broadcast_to(x_theta_table(model, t)[:, None], shape + (V,))
+    z = np.broadcast_to(X[None, None], shape)
+    q = bayes_step(np.broadcast_to(np.eye(V)[X][None, :, None], shape + (V,)), z, a_s, a_t)
+    p = bayes_step(xth, z, a_s, a_t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(q > 0, q * np.log(q / p), 0.0).sum(-1)          # (N, x, z, L)
+    out = []
+    for c in MASKS:
+        held = np.zeros(L3, bool) if variant == "prompt noised" else c
+        out.append(row_values(kl, t, held, ~c).sum(0))
+    return np.stack(out)[:, ROWS]
+
+
+def estimates(fn, n):
+    vals = np.array([float(fn(i)) for i in range(n)])
+    return vals.mean(), vals.std(ddof=1) / math.sqrt(n)
+
+
+def assert_unbiased(mean, se, exact, wrong, what):
+    assert abs(mean - exact) < 4 * se, f"{what}: mean {mean:.5f} vs exact {exact:.5f} (se {se:.5f})"
+    for name, value in wrong.items():
+        assert abs(value - exact) > 8 * se, f"{what}: the check cannot tell '{name}' ({value:.5f}) from {exact:.5f}"
+
+
+def pair_batch(copies):
+    """Every (mask, sequence in ROWS) pair, `copies` times: x0 (4 * 9 * copies, L3) and clean."""
+    x0 = torch.tensor(X[ROWS]).repeat(len(MASKS) * copies, 1)
+    clean = torch.tensor(MASKS).repeat_interleave(len(ROWS), 0).repeat(copies, 1)
+    return x0, clean
+
+
+def global_mean(rows):
+    """The wrong normalisation: one mean over all scored tokens of the batch instead of the mean of row means."""
+    counts = (~MASKS).sum(1)[:, None]
+    return float((rows * counts).sum() / (counts.sum() * rows.shape[1]))
+
+
+def test_duo_batch_bound_is_the_conditional_nelbo(duo_model):
+    """The mean of batch_bound(T=None, clean) over shuffled batches of every (mask, sequence) pair, fresh offsets, is
+    oracle A: the mean over rows of the conditional NELBO per unclean token, prompts of lengths 0, 1, 2 and an infix in
+    one batch. The band excludes: the prompt noised, the prompt scored, and one global mean over the scored tokens."""
+    model = duo_model
+    exact = nelbo_rows(model)
+    assert abs(nelbo_rows(model, panels=30, order=10, lo=-16).mean() - exact.mean()) < 1e-8  # converged
+    x0, clean = pair_batch(12)
+    g = torch.Generator().manual_seed(1)
+
+    def one(_):
+        perm = torch.randperm(len(x0), generator=g)
+        with torch.no_grad():
+            v = model.batch_bound(x0[perm], float(torch.rand((), generator=g)), g, clean=clean[perm])
+        assert v.dtype == torch.float64 and v.dim() == 0
+        return v
+    mean, se = estimates(one, 400)
+    wrong = {"prompt noised": nelbo_rows(model, "prompt noised").mean(),
+             "prompt scored": nelbo_rows(model, "prompt scored").mean(), "global mean": global_mean(exact)}
+    print({k: round(v, 5) for k, v in wrong.items()}, exact.mean(), mean, se)
+    assert_unbiased(mean, se, float(exact.mean()), wrong, "conditional NELBO")
+
+
+@pytest.mark.parametrize("N", [3, 8])
+def test_duo_batch_bound_n_steps_conditional(duo_model, N):
+    """The mean of batch_bound(T=N, clean) is oracle B (the KLs of the unclean positions, the prompt held); the band
+    excludes the prompt noised and the global mean."""
+    model = duo_model
+    exact = n_step_rows(model, N)
+    x0, clean = pair_batch(20)
+    g = torch.Generator().manual_seed(10 + N)
+
+    def one(_):
+        perm = torch.randperm(len(x0), generator=g)
+        with torch.no_grad():
+            return model.batch_bound(x0[perm], float(torch.rand((), generator=g)), g, T=N, clean=clean[perm])
+    mean, se = estimates(one, 300)
+    wrong = {"prompt noised": n_step_rows(model, N, "prompt noised").mean(), "global mean": global_mean(exact)}
+    print({k: round(v, 5) for k, v in wrong.items()}, exact.mean(), mean, se)
+    assert_unbiased(mean, se, float(exact.mean()), wrong, f"conditional {N}-step bound")
