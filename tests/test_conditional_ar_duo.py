@@ -400,3 +400,119 @@ def test_duo_batch_bound_n_steps_conditional(duo_model, N):
     wrong = {"prompt noised": n_step_rows(model, N, "prompt noised").mean(), "global mean": global_mean(exact)}
     print({k: round(v, 5) for k, v in wrong.items()}, exact.mean(), mean, se)
     assert_unbiased(mean, se, float(exact.mean()), wrong, f"conditional {N}-step bound")
+
+
+def prompt_held(x0, z, clean):
+    """The check on latents: z = x0 at every clean position."""
+    return bool((z[clean] == x0[clean]).all())
+
+
+def test_duo_q_sample_never_noises_the_prompt():
+    """q_sample(clean) on 400 x 40 tokens at t = 0.8: z = x0 at every clean position; the unclean ones are replaced at
+    rate t (a token differs w.p. t (V - 1)/V, within 4 SE) and are exactly those of clean=None from the same seed (the
+    same draws). Power: the check on the prompt rejects clean=None's latents (the prompt noised)."""
+    m = Duo(V, 16, 2, 1, 8, 0.0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(V, (400, 40), generator=g)
+    clean = torch.arange(40)[None, :] < torch.randint(1, 40, (400, 1), generator=g)  # prompts of many lengths
+    t = torch.full((400,), 0.8, dtype=torch.float64)
+    z = m.q_sample(x0, t, torch.Generator().manual_seed(1), clean=clean)
+    z_none = m.q_sample(x0, t, torch.Generator().manual_seed(1))
+    assert prompt_held(x0, z, clean) and torch.equal(z[~clean], z_none[~clean])
+    assert not prompt_held(x0, z_none, clean)
+    diff = (z != x0)[~clean].double()
+    p = 0.8 * (V - 1) / V
+    assert abs(float(diff.mean()) - p) < 4 * math.sqrt(p * (1 - p) / diff.numel())
+
+
+def test_duo_curriculum_latents_hold_the_prompt():
+    """curriculum_latents(clean), 200 draws of 16 x 12 at times spread over [0, 1]: z_t = x0 and the soft input is
+    exactly onehot(x0) at clean positions; elsewhere both are those of clean=None from the same seed, as are alpha,
+    dalpha and the network time. Power: clean=None's latents fail the prompt check."""
+    m = Duo(V, 16, 2, 1, 8, 0.0, curriculum_iters=10, gamma_min=GMIN, gamma_max=GMAX)
+    g = torch.Generator().manual_seed(2)
+    onehot = torch.nn.functional.one_hot
+    noised_somewhere = False
+    for k in range(200):
+        x0 = torch.randint(V, (16, 12), generator=g)
+        clean = torch.rand(16, 12, generator=g) < 0.5
+        t = torch.rand(16, dtype=torch.float64, generator=g)
+        torch.manual_seed(k)
+        soft, z, alpha, dalpha, t_net = m.curriculum_latents(x0, t, clean)
+        torch.manual_seed(k)
+        soft0, z0, alpha0, dalpha0, t_net0 = m.curriculum_latents(x0, t)
+        assert prompt_held(x0, z, clean) and torch.equal(soft[clean], onehot(x0[clean], V).to(soft.dtype))
+        assert torch.equal(z[~clean], z0[~clean]) and torch.equal(soft[~clean], soft0[~clean])
+        assert torch.equal(alpha, alpha0) and torch.equal(dalpha, dalpha0) and torch.equal(t_net, t_net0)
+        noised_somewhere |= not prompt_held(x0, z0, clean)
+    assert noised_somewhere
+
+
+def accuracy(gamma, n=2001, half=12.0):
+    """Our P(argmax(at onehot(x) + st eps) = x) at V = 3: int phi(u - nu) Phi(u)^2 du, nu = exp(-gamma/2), trapezoid."""
+    nu = math.exp(-gamma / 2)
+    u = nu + np.linspace(-half, half, n)
+    Phi = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in u])
+    f = np.exp(-(u - nu) ** 2 / 2) * Phi ** (V - 1) / math.sqrt(2 * math.pi)
+    return (f.sum() - (f[0] + f[-1]) / 2) * (u[1] - u[0])
+
+
+def alpha_of(gamma):
+    return (V * accuracy(gamma) - 1) / (V - 1)
+
+
+@pytest.mark.parametrize("t", [0.3, 0.7])
+def test_duo_forward_conditional_at_a_fixed_time(duo_model, t):
+    """forward(x0, t, clean) at one t for every row of the (mask, sequence) batch: in eval mode E[loss] = the mean over
+    rows of the expected conditional integrand per unclean token, h(t); under the curriculum (train mode)
+    E[loss] = -dalpha/dt h(1 - alpha), alpha = alpha(gamma(t)) from our quadrature, the network at time 1 - alpha.
+    Each band excludes the prompt noised; metrics["bound"] is the loss."""
+    m = duo_model
+    x0, clean = pair_batch(12)
+    tt = torch.full((len(x0),), t, dtype=torch.float64)
+
+    def loss_mean(seed, n):
+        torch.manual_seed(seed)
+
+        def one(_):
+            with torch.no_grad():
+                _, loss, metrics = m(x0, tt, clean=clean)
+            assert torch.equal(loss, metrics["bound"])
+            return loss
+        return estimates(one, n)
+
+    def h(tp, variant="right"):
+        return float(np.mean([expected_integrand(m, [tp], c, variant)[0, ROWS] for c in MASKS]))
+    mean, se = loss_mean(40, 100)
+    assert_unbiased(mean, se, h(t), {"prompt noised": h(t, "prompt noised")}, f"eval loss at t = {t}")
+    gamma = GMIN + t * (GMAX - GMIN)
+    a, e = alpha_of(gamma), 1e-3
+    da_dt = (alpha_of(gamma + e) - alpha_of(gamma - e)) / (2 * e) * (GMAX - GMIN)
+    m.curriculum_iters, m.gamma_min, m.gamma_max = 10, GMIN, GMAX
+    m.train()
+    m.start_iteration(0)
+    try:
+        mean, se = loss_mean(41, 250)
+    finally:
+        m.eval()
+        m.curriculum_iters = 0
+        m.start_iteration(0)
+    assert_unbiased(mean, se, -da_dt * h(1 - a), {"prompt noised": -da_dt * h(1 - a, "prompt noised")},
+                    f"curriculum loss at t = {t}")
+
+
+def test_duo_clean_none_and_errors(duo_model):
+    """clean all False: the same draws and the same value as clean=None (to rounding: row means of equal rows); a row
+    with every position clean, or a mask of the wrong shape, is a ValueError."""
+    m = duo_model
+    x0 = torch.tensor(SEQS).repeat(4, 1)
+    none = torch.zeros(x0.shape, dtype=torch.bool)
+    for T in (None, 5):
+        with torch.no_grad():
+            a = m.batch_bound(x0, 0.4, torch.Generator().manual_seed(3), T=T)
+            b = m.batch_bound(x0, 0.4, torch.Generator().manual_seed(3), T=T, clean=none)
+        assert abs(a.item() - b.item()) < 1e-12 * max(1.0, abs(a.item()))
+    with pytest.raises(ValueError, match="nothing to score"):
+        m.batch_bound(x0[:2], 0.0, None, clean=torch.tensor([[True] * L3, [False] * L3]))
+    with pytest.raises(ValueError, match="bool tensor"):
+        m.batch_bound(x0, 0.0, None, clean=none[:, :2])
