@@ -46,6 +46,12 @@ T = N: the bound of the N-step sampler below, sum_{j=1}^N E_{x_{t_j}}[sum_masked
 the KL of the true step (unmask to x w.p. 1 - r^{w_x}) from the model's (to v w.p. mu(v)(1 - r^{w_v}));
 it tends to the NELBO as N grows.
 
+Conditional (families.py's clean: the prompt P given, the answer A the other positions). q masks only A, by the
+same per-token schedule; the bound on -log p(x_A | x_P) is the NELBO above with the sum over masked l in A, and the
+loss, metrics["bound"] and batch_bound report the mean over rows of (that bound) / |A|. The REINFORCE term uses
+lq = log q(z_A | x_0), a sum over A only: a prompt position's mask is not drawn, so it carries no score. (A token
+seen only in prompts still gets the pathwise gradient of sum_v w_v mu(v): the model's rate of unmasking to it.)
+
 Sampling on the grid t_j = j/N (N = steps, default L). From t to s < t a masked position becomes v w.p.
 mu(v) (alpha_{s,v} - alpha_{t,v}) / (1 - alpha_{t,v}) = mu(v) (1 - (s/t)^{w_v}) and stays masked otherwise,
 w.p. sum_v mu(v) (s/t)^{w_v}; at s = 0 everything unmasks, to v ~ mu. Whether a position unmasks now depends
@@ -96,6 +102,11 @@ class GenMD4(MDLM):
         u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         return torch.where(u < self.mask_prob(x0, t), torch.full_like(x0, self.mask_id), x0)
 
+    def noise_answer(self, x0, t, generator=None, clean=None):
+        """q_sample with the clean positions kept (the same draws for every position: clean=None's random stream)."""
+        x_t = self.q_sample(x0, t, generator)
+        return x_t if clean is None else torch.where(clean, x0, x_t)
+
     # ---- the NELBO integrand --------------------------------------------------------------------------
     def masked_terms(self, logits, x0, x_t):
         """(t f_l, -log mu(x)) on masked positions, 0 elsewhere: t f_l = w_x (-log mu(x)) + sum_v w_v mu(v) - w_x,
@@ -106,31 +117,37 @@ class GenMD4(MDLM):
         mean_w = torch.exp(torch.logsumexp(real + torch.log(w), -1) - torch.logsumexp(real, -1))  # sum_v w_v mu(v)
         return (w[x0] * ce + (mean_w - w[x0]) * (x_t == self.mask_id)), ce
 
-    def log_q(self, x0, x_t, t):
+    def log_q(self, x0, x_t, t, clean=None):
         """log q(x_t | x_0) per sequence: sum_l [w_x log t if masked else log(1 - t^{w_x})], float64 (B,),
-        differentiable in w. t < 1 where anything is unmasked (t = 1 masks everything)."""
+        differentiable in w; the sum over the unclean l only if clean (B, L) is given. t < 1 where anything
+        is unmasked (t = 1 masks everything)."""
         w_x = self.w.double()[x0]
         wlogt = w_x * torch.log(t.double())[:, None]
         masked = x_t == self.mask_id
-        clean = torch.log(-torch.expm1(torch.where(masked, torch.full_like(wlogt, -1.0), wlogt)))
-        return torch.where(masked, wlogt, clean).sum(1)
+        fixed = masked if clean is None else masked | clean  # no log(1 - t^w) needed there
+        kept = torch.log(-torch.expm1(torch.where(fixed, torch.full_like(wlogt, -1.0), wlogt)))
+        lq = torch.where(masked, wlogt, kept)
+        return lq.sum(1) if clean is None else lq.masked_fill(clean, 0.0).sum(1)
 
     # ---- training -------------------------------------------------------------------------------------
-    def forward(self, x0, t=None):
+    def forward(self, x0, t=None, clean=None):
         """x0: (B, L). t: (B,) float times, drawn by draw_times if None. Two x_t per sequence at its t, in one
         network call; loss = (L_1 + L_2)/2 + the leave-one-out score-function term for w (0 in value), see the
-        top of this file. Returns (logits of the first draw, loss, metrics): ce (mean masked cross-entropy),
+        top of this file. clean (B, L) bool: the prompt, never masked, not in lq, each row's L_k divided by its
+        |A| instead of L. Returns (logits of the first draw, loss, metrics): ce (mean masked cross-entropy),
         bound = (L_1 + L_2)/2 averaged (nats/token on [t_eps, 1]), bpt, w_min, w_max."""
         B, L = x0.shape
         if t is None:
             t = self.draw_times(B, x0.device)
         x0_2, t_2 = x0.repeat(2, 1), t.repeat(2)
-        x_t = self.q_sample(x0_2, t_2)
+        clean_2 = None if clean is None else clean.repeat(2, 1)
+        x_t = self.noise_answer(x0_2, t_2, clean=clean_2)
         logits = self.logits(x_t, t_2)
         terms, ce = self.masked_terms(logits, x0_2, x_t)
-        per_seq = terms.sum(1) / (L * t_2.float().to(x0.device))
+        n = L if clean is None else (~clean_2).sum(1).clamp(min=1)  # scored positions per row
+        per_seq = terms.sum(1) / (n * t_2.float().to(x0.device))
         est1, est2 = per_seq[:B], per_seq[B:]
-        lq = self.log_q(x0_2, x_t, t_2.to(x0.device))
+        lq = self.log_q(x0_2, x_t, t_2.to(x0.device), clean_2)
         g = lq - lq.detach()  # value 0, gradient d log q / dw
         score = 0.5 * (est1 - est2).detach() * (g[:B] - g[B:]).float()
         bound = (est1 + est2).mean() / 2
@@ -141,19 +158,22 @@ class GenMD4(MDLM):
         return logits[:B], loss, metrics
 
     # ---- the bound, for evaluate.py ---------------------------------------------------------------------
-    def batch_bound(self, x0, offset, generator=None, T=None):
+    def batch_bound(self, x0, offset, generator=None, T=None, clean=None):
         """One unbiased estimate (float64 0-dim, nats/token) of the bound on a (B, L) batch; offset in [0, 1)
         stratifies it. T = None: the continuous NELBO over all of [0, 1], row i at t_i = u_i^k_i,
         u_i = (i + offset)/B, k_i = max(2, 2 / min w over its tokens), scoring (k_i/u_i) sum_masked t f_l / L.
-        T = N: the N-step bound, row i at step j_i = 1 + floor((i + offset) N / B), weight N."""
+        T = N: the N-step bound, row i at step j_i = 1 + floor((i + offset) N / B), weight N.
+        clean (B, L) bool: the prompt is never masked, k_i takes the min over the answer's tokens, and each row
+        divides by its |A| instead of L (the mean over rows of the conditional bound per answer token)."""
         B, L = x0.shape
         dev = x0.device
         i = torch.arange(B, dtype=torch.float64, device=dev)
         w = self.w.detach().double()
+        n = L if clean is None else (~clean).sum(1).clamp(min=1).double()
         if T:
             j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
             t, r = j / T, (j - 1) / j
-            x_t = self.q_sample(x0, t, generator)
+            x_t = self.noise_answer(x0, t, generator, clean)
             logits = self.logits(x_t, t)
             ce = CrossEntropy.apply(logits.flatten(0, 1), x0.flatten()).view(x0.shape).double()
             real = logits[..., :self.vocab_size].float()
@@ -162,13 +182,18 @@ class GenMD4(MDLM):
                         - torch.logsumexp(real, -1)).double()  # log sum_v mu(v) r^{w_v}
             r_x = torch.exp(w[x0] * log_r[..., 0])  # r^{w_x}, 0 at j = 1
             kl = (1 - r_x) * ce + torch.where(r_x > 0, r_x * (w[x0] * log_r[..., 0] - log_stay), 0.0)
-            return T * (kl * (x_t == self.mask_id)).sum(1).mean() / L
+            if clean is None:
+                return T * (kl * (x_t == self.mask_id)).sum(1).mean() / L
+            return T * ((kl * (x_t == self.mask_id)).sum(1) / n).mean()
         u = ((i + offset) / B).clamp(min=1e-300)  # u = 0: t = 0, nothing masked, a 0 term
-        k = (2 / w[x0].min(1).values).clamp(min=2)
+        w_x = w[x0] if clean is None else w[x0].masked_fill(clean, math.inf)
+        k = (2 / w_x.min(1).values).clamp(min=2)
         t = u ** k
-        x_t = self.q_sample(x0, t, generator)
+        x_t = self.noise_answer(x0, t, generator, clean)
         terms = self.masked_terms(self.logits(x_t, t), x0, x_t)[0].double().sum(1)
-        return (k / u * terms).mean() / L
+        if clean is None:
+            return (k / u * terms).mean() / L
+        return (k / u * terms / n).mean()
 
     # ---- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
