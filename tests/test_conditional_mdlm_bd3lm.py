@@ -467,3 +467,15 @@ def _pair_blocks(clean):
             U = [l for l in range(b * BLOCK, (b + 1) * BLOCK) if not clean[r, l]]
             out += [b] * len(subsets(U))
     return out
+
+
+def test_mdlm_conditional_forward_traces_as_one_graph():
+    """forward(x0, clean=...) has no host sync (train.py compiles it): one graph, no break."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = MDLM(5, 16, 2, 1, 8, 0.1, schedule="cosine")
+    clean = torch.arange(8)[None, :] < torch.tensor([[2], [5], [1], [3]])
+    explanation = torch._dynamo.explain(lambda x, c: model(x, clean=c))(torch.randint(5, (4, 8)), clean)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
