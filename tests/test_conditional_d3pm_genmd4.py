@@ -526,3 +526,38 @@ def test_genmd4_clean_none_is_the_old_model():
     assert np.allclose(none, GEN_OLD, rtol=1e-6, atol=0), (none, GEN_OLD)
     no_prompt, after2 = gen_numbers(model, torch.zeros(X_OLD.shape, dtype=torch.bool))
     assert np.allclose(no_prompt, none, rtol=1e-5, atol=1e-7) and after == after2
+
+
+def genmd4_n_step(model, N, w, noise_prompt=False):
+    """The conditional N-step bound: mean over rows of sum_j E_{x_{t_j}}[sum_{masked l in A} KL_j] / |A|, each
+    step's true and model distributions over the V + 1 outcomes (v, or still masked) written out."""
+    total = 0.0
+    for j in range(1, N + 1):
+        t, r = j / N, (j - 1) / j
+        for x0, scored, pats, mu in genmd4_tables(model, [t], noise_prompt):
+            mu = mu[0]                                                                   # (P, L, V)
+            model_p = np.concatenate([mu * (1 - r ** w), (mu * r ** w).sum(-1, keepdims=True)], -1)
+            true_p = np.zeros_like(model_p)
+            for l, x in enumerate(x0):
+                true_p[:, l, x], true_p[:, l, V] = 1 - r ** w[x], r ** w[x]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                kl = np.where(true_p > 0, true_p * np.log(true_p / model_p), 0.0).sum(-1)   # (P, L)
+            m = t ** w[x0]
+            prob = np.where(pats.any(0)[None], np.where(pats, m, 1 - m), 1.0).prod(-1)   # (P,)
+            total += float((prob * (kl * (pats & scored)).sum(-1)).sum()) / scored.sum() / len(ROWS_G)
+    return total
+
+
+def test_genmd4_batch_bound_n_steps_is_the_conditional_n_step_bound(gen_full):
+    """T = 3: the mean of batch_bound(T=3, clean=...) is the conditional 3-step bound; rejects the prompt noised."""
+    model = gen_full[0]
+    exact, noised = genmd4_n_step(model, 3, W), genmd4_n_step(model, 3, W, noise_prompt=True)
+    g = torch.Generator().manual_seed(17)
+
+    def one(_):
+        perm = torch.randperm(len(ROWS_G) * 15, generator=g)
+        with torch.no_grad():
+            return model.batch_bound(X0_G.repeat(15, 1)[perm], float(torch.rand((), generator=g)), g, T=3,
+                                     clean=CLEAN_G.repeat(15, 1)[perm])
+    mean, se = estimates(one, 200)
+    assert_unbiased(mean, se, exact, {"prompt noised": noised}, "GenMD4 conditional 3-step bound")
