@@ -516,3 +516,18 @@ def test_duo_clean_none_and_errors(duo_model):
         m.batch_bound(x0[:2], 0.0, None, clean=torch.tensor([[True] * L3, [False] * L3]))
     with pytest.raises(ValueError, match="bool tensor"):
         m.batch_bound(x0, 0.0, None, clean=none[:, :2])
+
+
+def test_conditional_training_forward_traces_as_one_graph():
+    """forward(x0, clean=...) has no host sync (no check that needs one): AR's, and Duo's under the curriculum, trace
+    as one graph without breaks."""
+    import torch._dynamo
+    x = torch.randint(5, (4, 8))
+    clean = torch.arange(8)[None, :] < torch.tensor([[1], [2], [3], [4]])
+    duo_curriculum = Duo(5, 16, 2, 1, 8, 0.1, curriculum_iters=3).train()
+    duo_curriculum.start_iteration(0)
+    for m in (AR(5, 16, 2, 1, 8, 0.1), duo_curriculum):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(m)(x, clean=clean)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()
