@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import socket
+from typing import NamedTuple
 import sys
 from urllib.parse import urlparse
 
@@ -51,6 +52,41 @@ def open_split(data_dir, split):
     raise UserError(f"no {split} split in {data_dir} ({split}.npy or {split}.bin)")
 
 
+class Pairs(NamedTuple):
+    """A split of a pair dataset (data/prepare_pairs.py): rows (N, L) of prompt | answer | end-of-answer padding, and
+    each row's prompt length (N,)."""
+    rows: np.ndarray
+    prompt_len: np.ndarray
+
+
+def is_pair_dataset(data_dir):
+    """Whether data_dir's meta.pkl says it holds prompt -> answer rows (data/prepare_pairs.py)."""
+    meta_path = os.path.join(data_dir, "meta.pkl")
+    if not os.path.exists(meta_path):
+        return False
+    with open(meta_path, "rb") as f:
+        return bool(pickle.load(f).get("pairs"))
+
+
+def open_pairs(data_dir, split):
+    """Memory-map a split of a pair dataset: Pairs(split.npy, split_prompt_len.npy)."""
+    paths = [os.path.join(data_dir, f"{split}{suffix}.npy") for suffix in ("", "_prompt_len")]
+    if not all(os.path.exists(p) for p in paths):
+        raise UserError(f"no {split} split in the pair dataset {data_dir} ({split}.npy and {split}_prompt_len.npy)")
+    try:
+        pairs = Pairs(*(np.load(p, mmap_mode="r") for p in paths))
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read the {split} split in {data_dir} (truncated? prepare it again): {e}")
+    if pairs.rows.ndim != 2 or len(pairs.rows) != len(pairs.prompt_len) or len(pairs.rows) == 0:
+        raise UserError(f"the {split} split in {data_dir} is not a set of rows with their prompt lengths: prepare it again")
+    return pairs
+
+
+def clean_positions(prompt_len, seq_len):
+    """The protocol's clean mask (families.py) of rows whose first prompt_len (B,) positions are the prompt: (B, L) bool."""
+    return torch.arange(seq_len, device=prompt_len.device)[None, :] < prompt_len[:, None]
+
+
 def dataset_vocab_size(data_dir):
     """vocab_size from meta.pkl (text8-style datasets), else GPT-2's 50257 for .bin datasets."""
     meta_path = os.path.join(data_dir, "meta.pkl")
@@ -81,17 +117,18 @@ MASK_GLYPH = "\u2588"
 
 
 class Codec:
-    """Token ids <-> text for a dataset: characters from meta.pkl's itos, or a tiktoken BPE."""
+    """Token ids <-> text for a dataset: characters from meta.pkl's itos, or a tiktoken BPE. A pair dataset's
+    (data/prepare_pairs.py) characters keep their case, and its end-of-answer id (eoa_id) reads as nothing."""
 
-    def __init__(self, vocab_size, itos=None, bpe=None):
-        self.vocab_size, self.mask_id, self.itos, self.bpe = vocab_size, vocab_size, itos, bpe
+    def __init__(self, vocab_size, itos=None, bpe=None, eoa_id=None):
+        self.vocab_size, self.mask_id, self.itos, self.bpe, self.eoa_id = vocab_size, vocab_size, itos, bpe, eoa_id
         self.stoi = {c: i for i, c in itos.items()} if itos else None
         self.placeholders = {MASK_GLYPH, "?"} if itos and "?" not in self.stoi else {MASK_GLYPH}
 
     def encode(self, text, template=False):
-        """Text -> ids; with template=True each placeholder becomes the mask id."""
+        """Text -> ids; with template=True each placeholder becomes the mask id (text8 lowercases the text)."""
         if self.itos:
-            if not template:
+            if not template and self.eoa_id is None:
                 text = text.lower()
             bad = [c for c in text if c not in self.stoi and not (template and c in self.placeholders)]
             if bad:
@@ -112,7 +149,7 @@ class Codec:
     def decode(self, ids, view=False):
         """ids -> text; the mask shows as the glyph; view=True also shows space as _ (text8)."""
         if self.itos:
-            out = "".join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
+            out = "".join(MASK_GLYPH if i == self.mask_id else "" if i == self.eoa_id else self.itos[i] for i in ids)
             return out.replace(" ", "_") if view else out
         out, run = [], []
         for i in list(ids) + [None]:
@@ -137,11 +174,12 @@ def load_codec(vocab_size, dataset, data_dir=None):
     if os.path.exists(meta_path):
         with open(meta_path, "rb") as f:
             meta = pickle.load(f)
+    eoa_id = meta.get("eoa_id") if meta and meta.get("pairs") else None
     if meta and meta.get("itos"):
-        return Codec(vocab_size, itos=meta["itos"])
+        return Codec(vocab_size, itos=meta["itos"], eoa_id=eoa_id)
     if meta and meta.get("tiktoken"):
         import tiktoken
-        return Codec(vocab_size, bpe=tiktoken.Encoding(**meta["tiktoken"]))
+        return Codec(vocab_size, bpe=tiktoken.Encoding(**meta["tiktoken"]), eoa_id=eoa_id)
     if vocab_size == 27:
         return Codec(vocab_size, itos={i: c for i, c in enumerate(" abcdefghijklmnopqrstuvwxyz")})
     if vocab_size in (50257, 50258):
@@ -402,6 +440,50 @@ def download_published(repo_id):
         except Exception:
             continue
     raise UserError(f"{repo_id}: neither model.safetensors nor pytorch_model.bin could be downloaded")
+
+
+# ---- sampling options (sample.py, evaluate.py --accuracy) --------------------------------------------------
+def add_sampler_options(p):
+    """The sampler options of model.sample (families.py, sampling.py) on an argparse parser."""
+    p.add_argument("--sampler", default="ancestral",
+                   choices=["ancestral", "confidence", "remask", "greedy_tail", "threshold"],
+                   help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "
+                        "in --steps calls, most confident positions first; remask: ReMDM, the --steps grid with "
+                        "generated tokens masked again w.p. --eta (masked models); greedy_tail: the ancestral "
+                        "sampler, then one more call whose argmax is the sample (Duo's; uniform-state); threshold: "
+                        "Fast-dLLM-style, each call commits every draw of probability >= --threshold, at least one "
+                        "(masked models)")
+    p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
+                   "confidence: the number of network calls; remask: the grid's steps (block diffusion: per block)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: draw from the smallest set of "
+                   "tokens with probability >= p")
+    p.add_argument("--top_k", type=int, default=0, help="draw from the k most likely tokens (0: all)")
+    p.add_argument("--confidence", default="drawn", choices=["drawn", "max", "margin"],
+                   help="confidence sampler: score a position by the probability of its drawn token (default), "
+                        "its top probability, or its top-1 minus top-2 margin")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
+                   help="confidence sampler: how many positions each step commits")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: commit every drawn token of "
+                   "at least this probability, in (0, 1]")
+    p.add_argument("--eta", type=float, default=0.02, help="remask sampler: the largest probability of masking a "
+                   "generated token again at a step (ReMDM's eta_cap)")
+
+
+def sampler_options(args):
+    """model.sample's keyword arguments from add_sampler_options' values; a bad value is a one-line UserError."""
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("--temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0 are required")
+    if not 0 < args.threshold <= 1:
+        raise UserError(f"--threshold must be in (0, 1], not {args.threshold}")
+    if not 0 <= args.eta <= 1:
+        raise UserError("--eta must be in [0, 1]")
+    opts = dict(steps=args.steps, sampler=args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    opts.update({"confidence": dict(score=args.confidence, schedule=args.schedule), "remask": dict(eta=args.eta),
+                 "threshold": dict(threshold=args.threshold)}.get(args.sampler, {}))
+    return opts
 
 
 def compile_network(model, backend="inductor"):

@@ -8,6 +8,8 @@ N-step bound of a continuous-time model):
     python evaluate.py out/mdlm_text8_cpu/ckpt.pt --split test --T 64
     python evaluate.py --samples samples.jsonl --judge out/ar_text8_cpu --data_dir data/text8   # sample quality
     torchrun --standalone --nproc_per_node=8 evaluate.py CKPT --data_dir data/openwebtext --seq_len 1024
+    python evaluate.py out/path_star_mdlm --data_dir data/path_star                  # conditional bound, test rows
+    python evaluate.py out/path_star_mdlm --data_dir data/path_star --accuracy --sampler confidence --steps 8
 
 Each batch holds B random windows of the split and gives one unbiased estimate of the bound
 (model.batch_bound: one network call, stratified over the batch with one random offset; see each
@@ -22,6 +24,10 @@ the variation between windows (it is conservative for the fixed test set). Every
 BOS and EOS included, as MDLM's evaluation scores its diffusion models (BD3-LM's skips the first token); with
 --protocol mdlm a model that can condition on it (the autoregressive one) is given the first token and scores the
 other L - 1, as the papers' AR baseline (MDLM diffusion.py: input x[:, :-1], targets x[:, 1:]).
+
+On a pair dataset (data/prepare_pairs.py: prompt -> answer rows) it scores the conditional bound, bits per answer
+token given each row's prompt, over every row of the split; --accuracy answers every test prompt with the sampler
+options of sample.py and reports the share its task's checker (data/tasks.py), or else exact match, accepts.
 
 With --samples FILE --judge JUDGE it scores generated text instead (judge.py): generative perplexity
 and bits/token under an autoregressive judge (pooled over all tokens by default; --protocol mdlm: the
@@ -38,8 +44,10 @@ import sys
 import numpy as np
 import torch
 
-from common import (UserError, all_gather, check_length, comm_buffer, compile_network, ddp_shutdown, default_dataset,
-                    load_codec, open_model, open_split, pick_device, random_windows, start_processes)
+from common import (UserError, add_sampler_options, all_gather, check_length, clean_positions, comm_buffer,
+                    compile_network, ddp_shutdown, default_dataset, is_pair_dataset, load_codec, open_model, open_pairs,
+                    open_split, pick_device, random_windows, sampler_options, start_processes)
+from sampling import answer_prompts
 
 
 @torch.no_grad()
@@ -72,10 +80,11 @@ def estimate(model, data, batch_size, seq_len, target_se, max_batches, min_batch
 
 @torch.no_grad()
 def estimate_windows(model, windows, batch_size, seed=0, rank=0, world_size=1, max_batches=0, T=None, progress=None,
-                     first_given=False):
+                     first_given=False, prompt_len=None):
     """One pass over fixed windows (N, L): shuffled (seed) into N // batch_size batches of batch_size to
     2 batch_size - 1 windows, each scored once by model.batch_bound (bits/token; first_given=True is passed on,
     see families.py); max_batches > 0 keeps only the first ones. Under torchrun rank r takes batches r, r + W, ...
+    prompt_len (N,): rows of a pair dataset, each scored given its prompt (batch_bound's clean mask).
     Returns (estimates, sizes) of all."""
     given = {"first_given": True} if first_given else {}
     dev = next(model.parameters()).device
@@ -89,8 +98,11 @@ def estimate_windows(model, windows, batch_size, seed=0, rank=0, world_size=1, m
     for first in range(0, len(batches), world_size):
         mine = torch.zeros(2, dtype=torch.float64, device=dev)  # (estimate, size); size 0: no batch this round
         if first + rank < len(batches):
-            x0 = torch.from_numpy(windows[batches[first + rank]]).to(dev)
+            x0 = torch.from_numpy(windows[batches[first + rank]].astype(np.int64)).to(dev)
             offset = float(torch.rand((), generator=gen, device=dev))
+            if prompt_len is not None:
+                lengths = torch.from_numpy(prompt_len[batches[first + rank]].astype(np.int64)).to(dev)
+                given = {"clean": clean_positions(lengths, x0.shape[1])}
             mine[0] = model.batch_bound(x0, offset, gen, T=T, **given) / math.log(2)
             mine[1] = len(x0)
         rows = all_gather(everyone, send.copy_(mine)) if world_size > 1 else [mine]
@@ -168,6 +180,99 @@ def zero_shot_main(args, model, rank, world_size):
                       f"{r['se'] if r['se'] is not None else float('nan'):.4f} {r['ppl']:>10.2f}  {interval}")
     return {"zero_shot": rows, "seq_len": seq_len, "model": type(model).__name__, "protocol": args.protocol,
             "first_given": first_given}
+
+
+def wilson(correct, n, z=1.96):
+    """The Wilson score interval of a binomial proportion correct / n (95% for z = 1.96)."""
+    p, d = correct / n, 1 + z * z / n
+    center, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def accuracy_main(args, model, data_dir, world_size):
+    """evaluate.py CKPT --accuracy on a pair dataset: an answer for every prompt of its test_pairs.jsonl (the sampler
+    options as sample.py's), judged by its task's checker (data/tasks.py) or else by exact match with the reference;
+    the accuracy with its 95% Wilson interval; --out keeps a line per pair."""
+    import pickle
+    from tqdm import tqdm
+    from data import tasks
+    if world_size > 1:
+        raise UserError("--accuracy runs in one process (not under torchrun)")
+    with open(os.path.join(data_dir, "meta.pkl"), "rb") as f:
+        meta = pickle.load(f)
+    path = os.path.join(data_dir, "test_pairs.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            pairs = [json.loads(line) for line in f if line.strip()][:args.max_answers or None]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the test pairs {path}: {e}")
+    codec = load_codec(model.vocab_size, "", data_dir)
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    opts = sampler_options(args)
+    progress = tqdm(total=len(pairs), desc="answers", unit="answer", disable=None if not args.json else True)
+    try:
+        answers = answer_prompts(lambda x: model.sample(x.to(dev), generator=gen, **opts),
+                                 [codec.encode(p["prompt"]) for p in pairs], meta["seq_len"], codec.mask_id,
+                                 codec.eoa_id, args.batch_size, progress)
+    finally:
+        progress.close()
+    task = meta.get("task")
+    rows = []
+    for pair, (ids, calls) in zip(pairs, answers):
+        answer = codec.decode(ids)
+        correct = (tasks.check(task["name"], pair["prompt"], answer, **task["params"]) if task
+                   else answer == pair["answer"])
+        rows.append({"prompt": pair["prompt"], "answer": answer, "reference": pair["answer"], "correct": bool(correct),
+                     "network_calls": calls})
+    k, n = sum(r["correct"] for r in rows), len(rows)
+    lo, hi = wilson(k, n)
+    judge = f"the {task['name']} checker" if task else "exact match"
+    result = {"accuracy": k / n, "ci95": [lo, hi], "correct": k, "answers": n, "judged_by": judge,
+              "network_calls": sum(r["network_calls"] for r in rows) / n, "model": type(model).__name__,
+              **{k_: v for k_, v in opts.items() if v is not None}}
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy {k / n:.4f} ({k} of {n}, 95% interval {lo:.4f}..{hi:.4f}), judged by {judge}, "
+              f"{result['network_calls']:.1f} network calls per answer")
+    return result
+
+
+def pairs_main(args, model, data_dir, rank, world_size):
+    """evaluate.py CKPT on a pair dataset (data/prepare_pairs.py): the conditional bound, bits per answer token
+    (end-of-answer padding included) given each row's prompt, one pass over every row of the split; with --accuracy
+    the accuracy of generated answers instead (accuracy_main)."""
+    if args.accuracy:
+        return accuracy_main(args, model, data_dir, world_size)
+    pairs = open_pairs(data_dir, args.split)
+    check_length(model, pairs.rows.shape[1])
+    progress = None
+    if rank == 0 and not args.json:
+        from tqdm import tqdm
+        progress = tqdm(desc=f"{args.split} conditional bound", unit="batch", dynamic_ncols=True, mininterval=0.5,
+                        disable=None)
+    try:
+        estimates, sizes = estimate_windows(model, pairs.rows, args.batch_size, args.seed, rank, world_size,
+                                            args.max_batches, args.T, progress, prompt_len=pairs.prompt_len)
+    finally:
+        if progress is not None:
+            progress.close()
+    bpt, se = weighted_summary(estimates, sizes)
+    finite = math.isfinite(se)
+    result = {"bpt": bpt, "se": se if finite else None, "ci95": [bpt - 1.96 * se, bpt + 1.96 * se] if finite else None,
+              "rows": int(sum(sizes)), "batches": len(estimates), "split": args.split, "model": type(model).__name__,
+              "bound": f"conditional {model.bound_name(args.T)}, per answer token", "T": args.T}
+    if rank == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{args.split} {result['bound']}: {bpt:.4f} \u00b1 {se:.4f} bits/token, {result['rows']} rows given "
+                  f"their prompts, {len(estimates)} batches")
+    return result
 
 
 def summarize(estimates):
@@ -261,6 +366,13 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the network (not the estimator around it)")
     p.add_argument("--compile_backend", default="inductor", help="with --compile: inductor (default) or aot_eager")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accuracy", action="store_true", help="a model trained on pairs: answer every test prompt with "
+                   "the sampler options below and report the share judged correct (its task's checker, else exact "
+                   "match) with a 95%% interval")
+    p.add_argument("--max_answers", type=int, default=0, help="--accuracy: only the first N test pairs (0: all)")
+    p.add_argument("--out", default="", help="--accuracy: a JSON line per test pair (prompt, answer, reference, "
+                   "correct, network calls)")
+    add_sampler_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     args = p.parse_args(argv)
     if bool(args.samples) != bool(args.judge):
@@ -287,6 +399,16 @@ def main(argv=None):
     trained = model.checkpoint_meta.get("training_args", {})
     dataset = trained.get("dataset") or default_dataset(model.vocab_size)
     data_dir = args.data_dir or os.path.join("data", dataset or "text8")
+    if args.accuracy and not is_pair_dataset(data_dir):
+        raise UserError(f"--accuracy scores answers on a pair dataset (data/prepare_pairs.py); {data_dir} is text")
+    if is_pair_dataset(data_dir):
+        try:
+            return pairs_main(args, model, data_dir, rank, world_size)
+        except ValueError as e:  # what this model's bound does not offer
+            raise UserError(str(e))
+        finally:
+            if ddp:
+                ddp_shutdown()
     data = open_split(data_dir, args.split)
     seq_len = args.seq_len or trained.get("seq_len") or (256 if dataset == "text8" else 1024)
     if len(data) < seq_len:

@@ -12,6 +12,7 @@ tokens and may change any of them at every step (--steps N, default the length; 
     python sample.py CKPT --sampler threshold --threshold 0.9           # Fast-dLLM-style, the model picks the calls
     python sample.py CKPT --length 1024 --prompt "the"                  # beyond the training length
     python sample.py BD3LM_CKPT --length 512 --no_kv_cache               # block diffusion without its cache
+    python sample.py PAIR_CKPT --prompts data/path_star/test_pairs.jsonl --out answers.jsonl   # answer prompts
 
 By default each model's exact sampler runs. For the D3PM: the same output distribution as the T-step
 ancestral sampler, but the network is called only at the steps where some position unmasks (about
@@ -26,6 +27,9 @@ starting with the end of the previous one (--keep tokens of it).
 
 Infilling: in the template each placeholder stands for one generated token and every other
 character/token is kept as given. The placeholder is the mask glyph \u2588; for text8, `?` works too.
+A model trained on a pair dataset (data/prepare_pairs.py) answers: --prompt TEXT or --prompts FILE (JSON lines
+with a prompt field, or one a line); each answer fills the rest of a row and ends at the end-of-answer id.
+
 On a terminal the sequences unmask live (space shown as _, mask as \u2588); otherwise only the final
 text is printed. --json prints one JSON object instead.
 """
@@ -37,9 +41,10 @@ import time
 
 import torch
 
-from common import UserError, compile_network, default_dataset, load_codec, open_model, pick_device
+from common import (UserError, add_sampler_options, compile_network, default_dataset, load_codec, open_model,
+                    pick_device, sampler_options)
 from configs import parse_value
-from sampling import generate_long
+from sampling import answer_prompts, generate_long
 
 # ---- the live view ----------------------------------------------------------------------------------
 class LiveView:
@@ -86,6 +91,47 @@ def initial_ids(codec, batch_size, seq_len, prompt, infill):
     return torch.tensor([ids] * batch_size)
 
 
+def read_prompts(path):
+    """The prompts of a file: JSON lines with a "prompt" field (as data/prepare_pairs.py's test_pairs.jsonl), else
+    one prompt a line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read --prompts {path}: {e.strerror}")
+    try:
+        return [json.loads(line)["prompt"] for line in lines]
+    except (ValueError, KeyError, TypeError):
+        return lines
+
+
+def answer_main(args, codec, seq_len, sample_fn):
+    """sample.py CKPT --prompts FILE (or --prompt TEXT) with a model trained on a pair dataset: one answer per prompt,
+    each cut at its end-of-answer, printed or written to --out as JSON lines (prompt, answer, network calls)."""
+    if codec.eoa_id is None:
+        raise UserError("--prompts answers prompts with a model trained on a pair dataset (data/prepare_pairs.py); "
+                        "this one was trained on text: use --prompt")
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if not prompts:
+        raise UserError(f"--prompts {args.prompts} holds no prompt")
+    t0 = time.time()
+    try:
+        answers = answer_prompts(sample_fn, [codec.encode(p) for p in prompts], seq_len, codec.mask_id, codec.eoa_id,
+                                 args.batch_size)
+    except ValueError as e:  # a prompt too long for the rows, or what the model cannot do
+        raise UserError(str(e))
+    rows = [{"prompt": p, "answer": codec.decode(ids), "network_calls": calls} for p, (ids, calls) in zip(prompts, answers)]
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if args.json:
+        print(json.dumps({"answers": rows, "seconds": time.time() - t0}))
+    elif not args.out:
+        print("\n".join(r["answer"] for r in rows))
+    print(f"[{len(rows)} answers in {time.time() - t0:.2f} s]", file=sys.stderr)
+    return rows
+
+
 def cut_at(ids, stop_id):
     """The ids before the first stop_id."""
     return ids[:ids.index(stop_id)] if stop_id in ids else ids
@@ -104,28 +150,7 @@ def main(argv=None):
     p.add_argument("--load_ema", type=lambda text: parse_value("load_ema", text, True), dest="ema",
                    help="the original's flag: --load_ema false is --no_ema")
     p.add_argument("--device", default="auto")
-    p.add_argument("--sampler", default="ancestral",
-                   choices=["ancestral", "confidence", "remask", "greedy_tail", "threshold"],
-                   help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "
-                        "in --steps calls, most confident positions first; remask: ReMDM, the --steps grid with "
-                        "generated tokens masked again w.p. --eta (masked models); greedy_tail: the ancestral "
-                        "sampler whose last step takes the argmax (uniform-state); threshold: Fast-dLLM-style, "
-                        "each call commits every draw of probability >= --threshold, at least one (masked models)")
-    p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
-                   "confidence: the number of network calls; remask: the grid's steps (block diffusion: per block)")
-    p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: draw from the smallest set of "
-                   "tokens with probability >= p")
-    p.add_argument("--top_k", type=int, default=0, help="draw from the k most likely tokens (0: all)")
-    p.add_argument("--confidence", default="drawn", choices=["drawn", "max", "margin"],
-                   help="confidence sampler: score a position by the probability of its drawn token (default), "
-                        "its top probability, or its top-1 minus top-2 margin")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
-                   help="confidence sampler: how many positions each step commits")
-    p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: commit every drawn token of "
-                   "at least this probability, in (0, 1]")
-    p.add_argument("--eta", type=float, default=0.02, help="remask sampler: the largest probability of masking a "
-                   "generated token again at a step (ReMDM's eta_cap)")
+    add_sampler_options(p)
     p.add_argument("--prompt", default=None, help="text the sequences start with")
     p.add_argument("--infill", default=None, help="template: placeholders are generated, the rest kept")
     p.add_argument("--length", type=int, default=0, help="generate this many tokens after the prompt, beyond "
@@ -139,18 +164,17 @@ def main(argv=None):
                    "pays once its compile time, so for many or long samples")
     p.add_argument("--compile_backend", default="inductor", help="with --compile: inductor (default) or aot_eager "
                    "(no code generation: a quick check)")
+    p.add_argument("--prompts", default=None, help="a model trained on pairs (data/prepare_pairs.py): answer every "
+                   "prompt of this file (JSON lines with a prompt field, or one a line), --batch_size at a time")
     p.add_argument("--out", default=None, help="also write the samples to this file (JSON lines: text, ids), "
                    "for evaluate.py --samples")
     p.add_argument("--json", action="store_true", help="print one JSON object with samples and timings")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise UserError("--steps must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.length < 0:
-        raise UserError("--temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 and --length >= 0 are required")
-    if not 0 < args.threshold <= 1:
-        raise UserError(f"--threshold must be in (0, 1], not {args.threshold}")
+    opts = dict(sampler_options(args), cache=args.cache)
+    if args.length < 0:
+        raise UserError("--length >= 0 is required")
     if args.length and args.infill is not None:
         raise UserError("--length continues a prompt (or nothing); it does not combine with --infill")
 
@@ -168,19 +192,9 @@ def main(argv=None):
         if codec.bpe is None:
             raise UserError("--stop_at_eos applies to BPE models (a character model has no end-of-text token)")
         stop_id = codec.bpe.eot_token
-    opts = dict(steps=args.steps, sampler=args.sampler, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, cache=args.cache)
     any_length = getattr(model, "any_length", False)  # block diffusion: sample() takes any length itself
     if any_length:
         opts.update(window=seq_len, stop_id=stop_id)
-    if args.sampler == "confidence":
-        opts.update(score=args.confidence, schedule=args.schedule)
-    if args.sampler == "remask":
-        if not 0 <= args.eta <= 1:
-            raise UserError("--eta must be in [0, 1]")
-        opts.update(eta=args.eta)
-    if args.sampler == "threshold":
-        opts.update(threshold=args.threshold)
 
     generator = torch.Generator(device=dev).manual_seed(args.seed)
     view = LiveView(codec) if sys.stdout.isatty() and not args.json else None
@@ -188,6 +202,8 @@ def main(argv=None):
     def sample_window(x):
         return model.sample(x, generator=generator, callback=view, **opts)
 
+    if args.prompts or (codec.eoa_id is not None and args.prompt is not None):
+        return answer_main(args, codec, seq_len, lambda x: model.sample(x.to(dev), generator=generator, **opts))
     t0 = time.time()
     try:
         if args.length and any_length:

@@ -7,6 +7,7 @@ Sampling pieces that every model family shares (d3pm.py, mdlm.py, ar.py call the
     threshold_decode       Fast-dLLM-style decoding: commit every position whose draw is likely enough
     remask_decode          ReMDM: the ancestral grid, but a generated token may be masked again and redrawn
     generate_long          any length, semi-autoregressively: each window starts with the previous one's end
+    answer_prompts         prompts in, answers out, for a model trained on prompt -> answer rows
     sdtt_loss              SDTT distillation: a student's one masked-diffusion step against its teacher's two
 
 Draws are float64 throughout: float32 truncates the tail and lowers the effective temperature, which
@@ -264,6 +265,32 @@ def generate_long(sample_fn, prefix, length, window, keep, mask_id, stop_id=None
         if stop_id is not None and (out[:, prefix.shape[1]:] == stop_id).any(dim=1).all():
             break
     return out, calls, starts
+
+
+def answer_prompts(sample_fn, prompts, seq_len, mask_id, eoa_id, batch_size, progress=None):
+    """Answer prompts (lists of ids) with a model trained on pair rows of seq_len (data/prepare_pairs.py): each row is
+    [prompt, mask_id ...], filled by sample_fn(x) -> (x, network calls), its answer the ids after the prompt up to the
+    first eoa_id. Rows go batch_size at a time, prompts of one length together (an autoregressive model continues a
+    prompt of one length per batch). Returns [(answer ids, the network calls of its batch)] in the prompts' order."""
+    for p in prompts:
+        if len(p) >= seq_len:
+            raise ValueError(f"a prompt of {len(p)} tokens leaves no room for an answer in rows of {seq_len}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches, answers = [], [None] * len(prompts)
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and len(prompts[batches[-1][0]]) == len(prompts[i]):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    for batch in batches:
+        n = len(prompts[batch[0]])
+        x = torch.tensor([prompts[i] + [mask_id] * (seq_len - n) for i in batch])
+        filled, calls = sample_fn(x)
+        for i, row in zip(batch, filled[:, n:].tolist()):
+            answers[i] = (row[:row.index(eoa_id)] if eoa_id in row else row, calls)
+        if progress is not None:
+            progress.update(len(batch))
+    return answers
 
 
 def sdtt_loss(student_logits, teacher_logits, x_t, times, keep, mask_id, generator=None):

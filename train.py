@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import configs
-from common import (EMA, UserError, all_gather, all_reduce, atomic_save, check_length, comm_buffer,
-                    dataset_vocab_size, ddp_shutdown, newest_checkpoint, open_split, rng_states, set_rng_states,
-                    start_processes)
+from common import (EMA, Pairs, UserError, all_gather, all_reduce, atomic_save, check_length, clean_positions,
+                    comm_buffer, dataset_vocab_size, ddp_shutdown, is_pair_dataset, newest_checkpoint, open_pairs,
+                    open_split, rng_states, set_rng_states, start_processes)
 from families import FAMILIES
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
@@ -134,10 +134,21 @@ def ensure_dataset(data_dir, is_master, ddp):
                         f"python data/prepare_{dataset}.py")
 
 
-def open_data(ddp):
-    """The train and val splits of data_root_dir/dataset (text8 is prepared if missing), and its vocabulary size."""
+def open_data(ddp, changed, overrides):
+    """The train and val splits of data_root_dir/dataset (text8 is prepared if missing), and its vocabulary size.
+    A pair dataset (data/prepare_pairs.py) gives common.Pairs, validated on its val split or else its test split,
+    and sets seq_len to its row length (another --seq_len is a UserError)."""
     data_dir = os.path.join(data_root_dir, dataset)
     ensure_dataset(data_dir, is_master(), ddp)
+    if is_pair_dataset(data_dir):
+        val_name = "val" if os.path.exists(os.path.join(data_dir, "val.npy")) else "test"
+        train_data, val_data = open_pairs(data_dir, "train"), open_pairs(data_dir, val_name)
+        row = train_data.rows.shape[1]
+        if "seq_len" in overrides and overrides["seq_len"] != row:
+            raise UserError(f"--seq_len={seq_len}, but the pair dataset {data_dir} has rows of {row} tokens")
+        globals()["seq_len"] = changed["seq_len"] = row
+        say(f"pair dataset {data_dir}: rows of {row} tokens, prompts held clean; validating on its {val_name} split")
+        return train_data, val_data, dataset_vocab_size(data_dir)
     train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
     for name, split in (("train", train_data), ("val", val_data)):
         if len(split) < seq_len:
@@ -146,16 +157,23 @@ def open_data(ddp):
 
 
 def get_batch(data, generator, vocab_size, dev):
-    """batch_size random windows of seq_len tokens, as a (B, L) long tensor on dev."""
-    ix = torch.randint(len(data) - seq_len + 1, (batch_size,), generator=generator).numpy()
-    x = np.stack([data[i:i + seq_len] for i in ix]).astype(np.int64)
+    """(x, extra): batch_size random windows of seq_len tokens of a text split, or random rows of a pair split
+    (common.Pairs), as a (B, L) long tensor on dev; extra holds the forward's keyword arguments: {} for text,
+    {"clean": the prompt positions} for pairs (families.py)."""
+    if isinstance(data, Pairs):
+        ix = torch.randint(len(data.rows), (batch_size,), generator=generator).numpy()
+        x = data.rows[ix].astype(np.int64)
+        prompt_len = torch.from_numpy(data.prompt_len[ix].astype(np.int64))
+    else:
+        ix = torch.randint(len(data) - seq_len + 1, (batch_size,), generator=generator).numpy()
+        x = np.stack([data[i:i + seq_len] for i in ix]).astype(np.int64)
     if x.max() >= vocab_size:
         raise UserError(f"token id {x.max()} in dataset {dataset} is outside the model's vocabulary "
                         f"(vocab_size={vocab_size}); the data and the model do not match")
     x = torch.from_numpy(x)
     if dev.type == "cuda":
-        return x.pin_memory().to(dev, non_blocking=True)
-    return x
+        x = x.pin_memory().to(dev, non_blocking=True)
+    return x, ({"clean": clean_positions(prompt_len, x.shape[1]).to(dev)} if isinstance(data, Pairs) else {})
 
 
 # ---- optimisation -------------------------------------------------------------------------------
@@ -324,7 +342,8 @@ def estimate_loss(net, val_data, vocab_size, dev, rank, world_size, bufs):
         torch.manual_seed(12345 + rank)
         gen = torch.Generator().manual_seed(54321 + rank)
         for _ in range(my_iters):
-            _, loss, metrics = net(get_batch(val_data, gen, vocab_size, dev))
+            x, extra = get_batch(val_data, gen, vocab_size, dev)
+            _, loss, metrics = net(x, **extra)
             sums += torch.stack([loss.double(), metrics["bound"].double(), torch.ones((), device=dev)])
     if bufs:
         all_reduce(sums)
@@ -389,7 +408,7 @@ def main(argv):
         torch.backends.cudnn.allow_tf32 = True
 
     # data; model, EMA, optimizer, possibly from a checkpoint
-    train_data, val_data, data_vocab = open_data(ddp)
+    train_data, val_data, data_vocab = open_data(ddp, changed, overrides)
     model_cls, model_args = model_spec(start, model_cls, model_args, data_vocab)
     torch.manual_seed(training_seed + rank)
     data_gen = torch.Generator().manual_seed(10_000 * training_seed + rank)
@@ -435,8 +454,8 @@ def main(argv):
                 last_micro = micro_step == gradient_accumulation_steps - 1
                 sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
                 with sync:
-                    x = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
-                    loss, metrics = train_model(x)[1:]  # drop the logits now: backward does not need them
+                    x, extra = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
+                    loss, metrics = train_model(x, **extra)[1:]  # drop the logits now: backward does not need them
                     loss = loss_hook(iter_num + 1, loss)
                     (loss / gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
