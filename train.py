@@ -28,7 +28,7 @@ import torch
 import configs
 from common import (EMA, Pairs, UserError, all_gather, all_reduce, atomic_save, check_length, clean_positions,
                     comm_buffer, dataset_vocab_size, ddp_shutdown, is_pair_dataset, newest_checkpoint, open_pairs,
-                    open_split, rng_states, set_rng_states, start_processes)
+                    open_model, open_split, rng_states, set_rng_states, start_processes)
 from families import FAMILIES
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
@@ -41,6 +41,7 @@ eval_key = "bound"  # val metric that picks the best checkpoint: bound (the mode
 always_save_checkpoint = False  # write ckpt.pt after every evaluation, not only on improvement
 ckpt_interval = 1000  # iterations between last.pt writes (the resume point after a crash)
 resume = ""  # a run directory to continue (its newest checkpoint)
+init_from = ""  # a new run starting from this checkpoint's weights (EMA if it has them), class and model_args: fine-tuning
 # data
 dataset = "text8"
 data_root_dir = "data"  # datasets live in data_root_dir/dataset
@@ -267,8 +268,21 @@ def check_settings(changed):
 
 
 def model_spec(start, model_cls, model_args, data_vocab):
-    """(model class, model_args): a resumed run's own (its vocabulary must be the dataset's), else the config's
-    with the dataset's vocab_size."""
+    """(model class, model_args, weights or None): a resumed run's own (its vocabulary must be the dataset's), or
+    --init_from's class, arguments and weights (fine-tuning, e.g. a text model on pairs: the same vocabulary), else
+    the config's with the dataset's vocab_size."""
+    if start is None and init_from:
+        try:
+            source = open_model(init_from, True, torch.device("cpu"))
+        except UserError as e:
+            if "no EMA weights" not in str(e):
+                raise
+            source = open_model(init_from, False, torch.device("cpu"))
+        if data_vocab != source.vocab_size:
+            raise UserError(f"--init_from={init_from} has vocab_size {source.vocab_size} but dataset {dataset} has "
+                            f"{data_vocab}: fine-tune on data of its tokenizer")
+        say(f"starting from the weights of {init_from} ({type(source).__name__})")
+        return type(source), source.checkpoint_meta["model_args"], source.state_dict()
     if start is not None:
         model_cls, model_args = FAMILIES[start[1]["model_cls"]], start[1]["model_args"]
         if data_vocab != model_args["vocab_size"]:
@@ -277,7 +291,7 @@ def model_spec(start, model_cls, model_args, data_vocab):
     elif data_vocab != model_args["vocab_size"]:
         say(f"note: the model's vocab_size is the dataset's, {data_vocab} (config had {model_args['vocab_size']})")
         model_args = {**model_args, "vocab_size": data_vocab}
-    return model_cls, model_args
+    return model_cls, model_args, None
 
 
 def restore(start, model, ema, optimizer, data_gen, dev, rank, world_size):
@@ -409,10 +423,13 @@ def main(argv):
 
     # data; model, EMA, optimizer, possibly from a checkpoint
     train_data, val_data, data_vocab = open_data(ddp, changed, overrides)
-    model_cls, model_args = model_spec(start, model_cls, model_args, data_vocab)
+    model_cls, model_args, weights = model_spec(start, model_cls, model_args, data_vocab)
     torch.manual_seed(training_seed + rank)
     data_gen = torch.Generator().manual_seed(10_000 * training_seed + rank)
-    model = model_cls(**model_args).to(dev)
+    model = model_cls(**model_args)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model = model.to(dev)
     check_length(model, seq_len)
     ema = EMA(model, ema_beta, ema_update_after_step)
     ema_model = model_cls(**model_args).to(dev).eval()

@@ -143,3 +143,22 @@ def test_clean_positions_are_the_prompt():
     from common import clean_positions
     got = clean_positions(torch.tensor([0, 2, 5]), 4)
     assert got.tolist() == [[False] * 4, [True, True, False, False], [True] * 4]
+
+
+def test_init_from_starts_from_a_checkpoints_weights(addition, tmp_path):
+    """--init_from: a new run with the class, arguments and (EMA) weights of a checkpoint; at learning rate 0 its
+    weights stay those. A checkpoint of another vocabulary is a one-line error."""
+    import families
+    from test_distill_cli import write_untrained
+    with contextlib.redirect_stdout(io.StringIO()):
+        call_main(train, train_args(addition, "mdlm_tiny", tmp_path / "a", "--ema_update_after_step=0",
+                                    "--ema_beta=0.5"))
+        call_main(train, train_args(addition, "d3pm_tiny", tmp_path / "b", f"--init_from={tmp_path / 'a'}",
+                                    "--max_iters=1", "--learning_rate=0", "--min_lr=0", "--decay_lr=False"))
+    source = families.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))  # its EMA weights
+    started = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert started["model_cls"] == "MDLM"  # the checkpoint's class, not the config's
+    assert all(torch.equal(started["model"][k], v) for k, v in source.state_dict().items())
+    text8 = write_untrained(tmp_path / "text8.pt", "mdlm_tiny")  # vocab_size 27
+    with pytest.raises(UserError, match="vocab_size 27"), contextlib.redirect_stdout(io.StringIO()):
+        call_main(train, train_args(addition, "mdlm_tiny", tmp_path / "c", f"--init_from={text8}"))
