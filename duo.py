@@ -43,8 +43,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ar import row_mean, scored_positions
-from model import DiT
+from model import DiT, row_mean, scored_positions
 from sampling import CHUNK_ELEMENTS, draw, filter_logits
 
 

@@ -225,3 +225,22 @@ class CrossEntropy(torch.autograd.Function):
         g.scatter_add_(-1, target[:, None], torch.full_like(lse[:, None], -1.0))
         g.mul_(grad[:, None])
         return g, None
+
+
+# ---- conditional generation (families.py: clean, the prompt positions) ------------------------------------
+def scored_positions(x0, clean, check=False):
+    """~clean, the positions scored, after checking clean is a (B, L) bool tensor like x0; check=True (evaluation,
+    a host sync): also that every row has at least one position to score (else ValueError)."""
+    if clean.dtype != torch.bool or clean.shape != x0.shape:
+        raise ValueError(f"clean must be a bool tensor of the batch's shape {tuple(x0.shape)}, "
+                         f"not {clean.dtype} {tuple(clean.shape)}")
+    scored = ~clean
+    if check and not scored.any(1).all():
+        raise ValueError("clean: a row has every position given (nothing to score)")
+    return scored
+
+
+def row_mean(values, scored):
+    """mean over rows of (sum of values over the row's scored positions) / (their number): (B, L) -> 0-dim."""
+    total = torch.where(scored, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(1)
+    return (total / scored.sum(1)).mean()
