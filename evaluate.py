@@ -10,6 +10,7 @@ N-step bound of a continuous-time model):
     torchrun --standalone --nproc_per_node=8 evaluate.py CKPT --data_dir data/openwebtext --seq_len 1024
     python evaluate.py out/path_star_mdlm --data_dir data/path_star                  # conditional bound, test rows
     python evaluate.py out/path_star_mdlm --data_dir data/path_star --accuracy --sampler confidence --steps 8
+    python evaluate.py out/path_star_mdlm --data_dir data/path_star --choices questions.jsonl --mc 64
 
 Each batch holds B random windows of the split and gives one unbiased estimate of the bound
 (model.batch_bound: one network call, stratified over the batch with one random offset; see each
@@ -27,7 +28,9 @@ other L - 1, as the papers' AR baseline (MDLM diffusion.py: input x[:, :-1], tar
 
 On a pair dataset (data/prepare_pairs.py: prompt -> answer rows) it scores the conditional bound, bits per answer
 token given each row's prompt, over every row of the split; --accuracy answers every test prompt with the sampler
-options of sample.py and reports the share its task's checker (data/tasks.py), or else exact match, accepts.
+options of sample.py and reports the share its task's checker (data/tasks.py), or else exact match, accepts;
+--choices FILE (JSON lines of prompt, choices, label) picks for each question the choice of lowest conditional bound
+(--mc draws of each) and reports the share of right picks.
 
 With --samples FILE --judge JUDGE it scores generated text instead (judge.py): generative perplexity
 and bits/token under an autoregressive judge (pooled over all tokens by default; --protocol mdlm: the
@@ -242,10 +245,129 @@ def accuracy_main(args, model, data_dir, world_size):
     return result
 
 
+def read_choices(path):
+    """The questions of a --choices file, one JSON object a line: prompt (str), choices (two or more str), label (the
+    index of the right choice). Anything else is a one-line UserError naming the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read --choices {path}: {e.strerror}")
+    if not lines:
+        raise UserError(f"--choices {path} holds no questions")
+    questions = []
+    for i, line in lines:
+        where = f"{path}:{i}"
+        try:
+            q = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{where} is not JSON: {e}")
+        missing = [k for k in ("prompt", "choices", "label") if not isinstance(q, dict) or k not in q]
+        if missing:
+            raise UserError(f"{where}: a question needs prompt, choices and label (missing: {', '.join(missing)})")
+        if not isinstance(q["prompt"], str):
+            raise UserError(f"{where}: prompt must be a string")
+        if not isinstance(q["choices"], list) or not all(isinstance(c, str) and c for c in q["choices"]):
+            raise UserError(f"{where}: choices must be a list of non-empty strings")
+        if len(q["choices"]) < 2:
+            raise UserError(f"{where}: a question needs at least 2 choices, got {len(q['choices'])}")
+        label = q["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(q["choices"]):
+            raise UserError(f"{where}: label must be a choice's index, 0..{len(q['choices']) - 1}, not {label!r}")
+        questions.append((where, q))
+    return questions
+
+
+def choice_rows(codec, prompt, choices, seq_len, where):
+    """Each choice's row as data/prepare_pairs.py builds training rows: prompt ids | choice ids | end-of-answer,
+    padded with end-of-answer to seq_len; (rows (C, L) long, the prompt length). One that does not fit is a
+    UserError naming the question."""
+    try:
+        p = codec.encode(prompt)
+        answers = [codec.encode(c) for c in choices]
+    except UserError as e:
+        raise UserError(f"{where}: {e}")
+    rows = torch.full((len(choices), seq_len), codec.eoa_id, dtype=torch.long)
+    for j, a in enumerate(answers):
+        if len(p) + len(a) >= seq_len:
+            raise UserError(f"{where}: prompt and choice {j} take {len(p)} + {len(a)} tokens and an end-of-answer, "
+                            f"more than the rows' {seq_len}")
+        rows[j, :len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
+    return rows, len(p)
+
+
+@torch.no_grad()
+def choice_bound(model, row, prompt_len, mc, batch_size, generator, T=None):
+    """The Monte-Carlo estimate of one row's conditional bound, bits per answer token,
+        -log p(answer | prompt) / n <= bound / n,   n = L - prompt_len (the answer region, padding included),
+    from mc draws: mc copies of the row in groups of at most batch_size (at least min(4, mc) groups), each group one
+    model.batch_bound call with its own offset (stratified over its copies, so each group is unbiased), pooled by
+    size. Returns (estimate, standard error from the spread of the groups; inf with one group)."""
+    dev = next(model.parameters()).device
+    x = torch.as_tensor(row, dtype=torch.long, device=dev)[None]
+    clean = clean_positions(torch.tensor([prompt_len], device=dev), x.shape[1])
+    sizes = [len(s) for s in np.array_split(np.arange(mc), max(-(-mc // batch_size), min(4, mc)))]
+    estimates = []
+    for b in sizes:
+        offset = float(torch.rand((), generator=generator, device=dev))
+        bound = model.batch_bound(x.repeat(b, 1), offset, generator, T=T, clean=clean.repeat(b, 1))
+        estimates.append(float(bound) / math.log(2))
+    return weighted_summary(estimates, sizes)
+
+
+def choices_main(args, model, data_dir, world_size):
+    """evaluate.py CKPT --choices FILE on a pair dataset: multiple choice by the model's own bound. Every choice of a
+    question becomes its training-style row (choice_rows) and gets choice_bound's --mc draw estimate of its
+    conditional bound per answer token; the pick is the lowest. Every choice of a question has the same answer region
+    (L - prompt length tokens: the padding is answer), so the per-token and the total bound -log p(choice | prompt)
+    rank them alike. Reports the share of questions whose pick is the label, with its 95% Wilson interval; --out
+    keeps a line per question (each choice's bits per answer token and standard error)."""
+    import pickle
+    from tqdm import tqdm
+    if world_size > 1:
+        raise UserError("--choices runs in one process (not under torchrun)")
+    if args.accuracy:
+        raise UserError("--choices and --accuracy are two evaluations: give one")
+    if args.mc < 1:
+        raise UserError(f"--mc must be at least 1, got {args.mc}")
+    with open(os.path.join(data_dir, "meta.pkl"), "rb") as f:
+        seq_len = pickle.load(f)["seq_len"]
+    check_length(model, seq_len)
+    questions = read_choices(args.choices)
+    codec = load_codec(model.vocab_size, "", data_dir)
+    built = [choice_rows(codec, q["prompt"], q["choices"], seq_len, where) for where, q in questions]
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    lines = []
+    for (where, q), (rows, prompt_len) in zip(questions, tqdm(built, desc="questions", unit="question",
+                                                              disable=None if not args.json else True)):
+        scores = [choice_bound(model, row, prompt_len, args.mc, args.batch_size, gen, args.T) for row in rows]
+        pick = int(np.argmin([s[0] for s in scores]))
+        lines.append({"prompt": q["prompt"], "choices": q["choices"], "label": q["label"], "pick": pick,
+                      "correct": pick == q["label"], "bpt": [s[0] for s in scores],
+                      "se": [s[1] if math.isfinite(s[1]) else None for s in scores]})
+    k, n = sum(r["correct"] for r in lines), len(lines)
+    lo, hi = wilson(k, n)
+    bound = f"conditional {model.bound_name(args.T)}, per answer token"
+    result = {"accuracy": k / n, "ci95": [lo, hi], "correct": k, "questions": n, "mc": args.mc,
+              "model": type(model).__name__, "bound": bound, "T": args.T}
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in lines)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy {k / n:.4f} ({k} of {n} questions, 95% interval {lo:.4f}..{hi:.4f}), each pick the choice "
+              f"of lowest {bound} ({args.mc} draws)")
+    return result
+
+
 def pairs_main(args, model, data_dir, rank, world_size):
     """evaluate.py CKPT on a pair dataset (data/prepare_pairs.py): the conditional bound, bits per answer token
     (end-of-answer padding included) given each row's prompt, one pass over every row of the split; with --accuracy
     the accuracy of generated answers instead (accuracy_main)."""
+    if args.choices:
+        return choices_main(args, model, data_dir, world_size)
     if args.accuracy:
         return accuracy_main(args, model, data_dir, world_size)
     pairs = open_pairs(data_dir, args.split)
@@ -371,7 +493,11 @@ def main(argv=None):
                    "match) with a 95%% interval")
     p.add_argument("--max_answers", type=int, default=0, help="--accuracy: only the first N test pairs (0: all)")
     p.add_argument("--out", default="", help="--accuracy: a JSON line per test pair (prompt, answer, reference, "
-                   "correct, network calls)")
+                   "correct, network calls); --choices: a JSON line per question (its pick, each choice's bits per "
+                   "answer token and standard error)")
+    p.add_argument("--choices", default="", help="a model trained on pairs: multiple choice from a JSONL FILE of "
+                   "prompt, choices, label; each pick the choice of lowest conditional bound (--mc draws)")
+    p.add_argument("--mc", type=int, default=32, help="--choices: Monte-Carlo draws of each choice's bound")
     add_sampler_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     args = p.parse_args(argv)
@@ -399,6 +525,8 @@ def main(argv=None):
     trained = model.checkpoint_meta.get("training_args", {})
     dataset = trained.get("dataset") or default_dataset(model.vocab_size)
     data_dir = args.data_dir or os.path.join("data", dataset or "text8")
+    if args.choices and not is_pair_dataset(data_dir):
+        raise UserError(f"--choices scores answers on a pair dataset (data/prepare_pairs.py); {data_dir} is text")
     if args.accuracy and not is_pair_dataset(data_dir):
         raise UserError(f"--accuracy scores answers on a pair dataset (data/prepare_pairs.py); {data_dir} is text")
     if is_pair_dataset(data_dir):
