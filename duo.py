@@ -163,6 +163,12 @@ class Duo(nn.Module):
         self.time_input = time_input
         self.net = DiT(vocab_size, n_embed, n_heads, n_blocks, n_cond, dropout, tied_output=tied_output)
 
+    def null_prompt(self, x0, clean, generator=None):
+        """families.py: "no prompt" is uniformly random tokens at the clean positions (the prior, z_1; the DiT has
+        no mask class to put there)."""
+        noise = torch.randint(0, self.vocab_size, x0.shape, device=x0.device, generator=generator)
+        return torch.where(clean, noise, x0)
+
     def alpha(self, t):
         """P(token still clean at time t) = 1 - t, float64."""
         return 1 - torch.as_tensor(t, dtype=torch.float64)

@@ -44,6 +44,13 @@ Optionally:
     distill_loss(teacher, x0, steps) -> loss, and distill_defaults = (method name, teacher steps, rounds)
                       few-step distillation for distill.py: the loss of the student (self) learning in one step
                       what teacher (a frozen copy) does in two steps of 1/steps
+    null_prompt(x0, clean, generator=None) -> x0 with the clean positions replaced by the family's no-prompt input
+                      (classifier-free guidance: train.py --cond_drop, sample.py / evaluate.py --guidance). It is what
+                      the NETWORK reads there (sampling.null_prompt_input): the family's own x0 keeps the prompt, so a
+                      dropped row is still never noised and never scored at its prompt. Without it: mask_id at the
+                      prompt positions (the absorbing families, and the autoregressive model, whose DiT embeds mask_id
+                      as its start token: every DiT but Duo's has a row for it). Duo (no mask class): uniformly random
+                      tokens there, its prior
     start_iteration(iter_num)  called by train.py before every optimizer step (an objective that changes during
                       training: duo.py's curriculum)
     any_length = True sample() writes any number of tokens itself, given opts window (the training length)

@@ -8,6 +8,8 @@ Sampling pieces that every model family shares (d3pm.py, mdlm.py, ar.py call the
     remask_decode          ReMDM: the ancestral grid, but a generated token may be masked again and redrawn
     generate_long          any length, semi-autoregressively: each window starts with the previous one's end
     answer_prompts         prompts in, answers out, for a model trained on prompt -> answer rows
+    null_prompt_input      the network sees the family's no-prompt input at the prompt (train.py --cond_drop)
+    guided                 classifier-free guidance around the network (sample.py / evaluate.py --guidance)
     sdtt_loss              SDTT distillation: a student's one masked-diffusion step against its teacher's two
 
 Draws are float64 throughout: float32 truncates the tail and lowers the effective temperature, which
@@ -16,6 +18,7 @@ that at K = 50258 it costs a small fraction of the float32 logits, whatever N; e
 be alone, so the draws do not depend on the chunk size. The samplers keep one float32 copy of the logits of the
 positions they draw (logits[masked]) and free the network's output before its next call.
 """
+import contextlib
 import math
 
 import torch
@@ -267,11 +270,13 @@ def generate_long(sample_fn, prefix, length, window, keep, mask_id, stop_id=None
     return out, calls, starts
 
 
-def answer_prompts(sample_fn, prompts, seq_len, mask_id, eoa_id, batch_size, progress=None):
+def answer_prompts(sample_fn, prompts, seq_len, mask_id, eoa_id, batch_size, progress=None, guide=None):
     """Answer prompts (lists of ids) with a model trained on pair rows of seq_len (data/prepare_pairs.py): each row is
     [prompt, mask_id ...], filled by sample_fn(x) -> (x, network calls), its answer the ids after the prompt up to the
     first eoa_id. Rows go batch_size at a time, prompts of one length together (an autoregressive model continues a
-    prompt of one length per batch). Returns [(answer ids, the network calls of its batch)] in the prompts' order."""
+    prompt of one length per batch). guide(clean) (optional): a context manager around each batch's sample_fn, given
+    its (B, L) prompt mask, that yields the network passes per call of the sampler (guided: 2, counted). Returns [(answer ids, the network calls
+    of its batch)] in the prompts' order."""
     for p in prompts:
         if len(p) >= seq_len:
             raise ValueError(f"a prompt of {len(p)} tokens leaves no room for an answer in rows of {seq_len}")
@@ -285,12 +290,112 @@ def answer_prompts(sample_fn, prompts, seq_len, mask_id, eoa_id, batch_size, pro
     for batch in batches:
         n = len(prompts[batch[0]])
         x = torch.tensor([prompts[i] + [mask_id] * (seq_len - n) for i in batch])
-        filled, calls = sample_fn(x)
+        if guide is None:
+            filled, calls = sample_fn(x)
+        else:
+            clean = torch.zeros(x.shape, dtype=torch.bool)
+            clean[:, :n] = True
+            with guide(clean) as passes:  # guided: 2, a conditional and an unconditional pass per call (w = 0: 1)
+                filled, calls = sample_fn(x)
+            calls *= passes
         for i, row in zip(batch, filled[:, n:].tolist()):
             answers[i] = (row[:row.index(eoa_id)] if eoa_id in row else row, calls)
         if progress is not None:
             progress.update(len(batch))
     return answers
+
+
+# ---- no prompt, and classifier-free guidance (families.py: null_prompt) -----------------------------------------
+def null_prompt(model, x0, clean, generator=None):
+    """x0 (B, L) ids with the clean positions replaced by the family's no-prompt input: its null_prompt(x0, clean,
+    generator) when it has one (families.py), else mask_id there."""
+    if hasattr(model, "null_prompt"):
+        return model.null_prompt(x0, clean, generator)
+    return x0.masked_fill(clean, model.mask_id)
+
+
+def input_positions(net, length, row_len, positions=None):
+    """The row position each of the network's `length` input positions holds, (length,) long, -1 for none:
+    `positions` when the caller passes them; a causal network (the autoregressive model) reads the row shifted right
+    by its start token (input j holds row position j - 1); any other input j holds row position j mod row_len
+    (block diffusion's training input [x_t, x_0] holds the row twice)."""
+    if positions is not None:
+        return positions.long()
+    j = torch.arange(length)
+    if any(getattr(block, "causal", False) for block in getattr(net, "blocks", [])):
+        return j - 1
+    return j % row_len
+
+
+def nulled_input(model, x, clean, positions=None, generator=None):
+    """The network input x ((B', L') ids, or (B', L', K) probability vectors) with the family's no-prompt input where
+    it holds a clean position of the rows (clean (B, L) bool; B' = B, a multiple of B (the batch repeated: genmd4.py's
+    two draws), or any B' when every row has the same prompt positions (a sampler's subset of the rows))."""
+    B, L = clean.shape
+    if x.shape[0] != B:
+        if (clean == clean[:1]).all():
+            clean = clean[:1].expand(x.shape[0], L)
+        elif x.shape[0] % B == 0:
+            clean = clean.repeat(x.shape[0] // B, 1)
+        else:
+            raise ValueError(f"the network was called on {x.shape[0]} rows of a batch of {B} with different prompts")
+    pos = input_positions(model.net, x.shape[1], L, positions).to(clean.device)
+    held = torch.where(pos >= 0, clean[:, pos.clamp(min=0)], torch.zeros((), dtype=torch.bool, device=clean.device))
+    held = held.to(x.device)
+    if not x.is_floating_point():
+        return null_prompt(model, x, held, generator)
+    ids = null_prompt(model, x.argmax(-1), held, generator)  # a soft input: the null tokens one-hot
+    return torch.where(held[..., None], torch.nn.functional.one_hot(ids, x.shape[-1]).to(x.dtype), x)
+
+
+@contextlib.contextmanager
+def wrapped_forward(net, make, passes=1):
+    """Within: net.forward is make(the current forward); the previous one comes back after, also on an exception.
+    Yields passes (the network passes per call)."""
+    had, previous = "forward" in net.__dict__, net.__dict__.get("forward")
+    net.forward = make(net.forward)
+    try:
+        yield passes
+    finally:
+        if had:
+            net.forward = previous
+        else:
+            del net.forward
+
+
+def null_prompt_input(model, clean, generator=None):
+    """Context manager: within, every call of model.net sees the no-prompt input (null_prompt) at the clean positions
+    (B, L) of the rows: train.py --cond_drop passes the prompt positions of the dropped rows. The family itself still
+    sees the prompt in its own x0: never noised, never scored."""
+    def make(forward):
+        def forward_without_prompt(x, t, *args, **kwargs):
+            return forward(nulled_input(model, x, clean, kwargs.get("positions"), generator), t, *args, **kwargs)
+        return forward_without_prompt
+    return wrapped_forward(model.net, make)
+
+
+def guided(model, w, clean, generator=None):
+    """Classifier-free guidance (Ho & Salimans 2022; discrete: Nisonoff et al. 2024, Schiff et al. 2025). Context
+    manager: within, each call of model.net is two, on its input (c: the prompt) and on nulled_input (no prompt), and
+    returns per position log p(x | c) + w (log p(x | c) - log p(x)) (both log-softmaxed, float32), which the sampler
+    reads as logits: p_w(x | c) proportional to p(x | c)^(1 + w) / p(x)^w. w = 0: nothing changes (one call, the
+    network's own logits). A call with a KV cache (ar.py, bd3lm.py with cache=True) is a ValueError: the two passes
+    would mix their keys in it. clean (B, L) bool: the prompt positions of the rows. Yields the passes per call
+    (2; 1 for w = 0)."""
+    if not w:
+        return contextlib.nullcontext(1)
+
+    def make(forward):
+        def guided_forward(x, t, *args, **kwargs):
+            if kwargs.get("cache") is not None:
+                raise ValueError("--guidance calls the network twice per step and cannot share a KV cache between "
+                                 "the two passes: add --no_kv_cache")
+            cond = forward(x, t, *args, **kwargs).float().log_softmax(-1)
+            uncond = forward(nulled_input(model, x, clean, kwargs.get("positions"), generator), t, *args,
+                             **kwargs).float().log_softmax(-1)
+            return cond + w * (cond - uncond)
+        return guided_forward
+    return wrapped_forward(model.net, make, 2)
 
 
 def sdtt_loss(student_logits, teacher_logits, x_t, times, keep, mask_id, generator=None):

@@ -30,6 +30,7 @@ from common import (EMA, Pairs, UserError, all_gather, all_reduce, atomic_save, 
                     comm_buffer, dataset_vocab_size, ddp_shutdown, is_pair_dataset, newest_checkpoint, open_pairs,
                     open_model, open_split, rng_states, set_rng_states, start_processes)
 from families import FAMILIES
+from sampling import null_prompt_input
 
 # ---- defaults: every one can be set by a config function or by --key=value -------------------
 # I/O
@@ -48,6 +49,7 @@ data_root_dir = "data"  # datasets live in data_root_dir/dataset
 gradient_accumulation_steps = 1  # micro-steps per optimizer step (per rank)
 batch_size = 256  # sequences per micro-step per rank
 seq_len = 256
+cond_drop = 0.0  # pair datasets: each training row's prompt dropped w.p. cond_drop (classifier-free guidance)
 # AdamW and the learning-rate schedule (linear warmup, cosine decay to min_lr)
 learning_rate = 1e-3
 max_iters = 500_000
@@ -177,6 +179,18 @@ def get_batch(data, generator, vocab_size, dev):
     return x, ({"clean": clean_positions(prompt_len, x.shape[1]).to(dev)} if isinstance(data, Pairs) else {})
 
 
+def drop_prompts(model, extra, generator):
+    """Context manager for a training step on a batch with extra = get_batch's: each row's prompt is dropped w.p.
+    cond_drop (drawn from generator, the batch generator: reproducible and resumable), i.e. the network reads the
+    family's no-prompt input there (sampling.null_prompt_input; its random tokens, if any, from the global RNG);
+    the clean mask is unchanged (never noised, never scored). Nothing for text or cond_drop = 0."""
+    if not cond_drop or "clean" not in extra:
+        return contextlib.nullcontext()
+    clean = extra["clean"]
+    dropped = torch.rand(clean.shape[0], generator=generator) < cond_drop
+    return null_prompt_input(model, clean & dropped[:, None].to(clean.device))
+
+
 # ---- optimisation -------------------------------------------------------------------------------
 def get_lr(it):
     """Linear warmup to learning_rate over warmup_iters, then cosine decay to min_lr."""
@@ -261,6 +275,8 @@ def check_settings(changed):
         globals()["eval_key"] = changed["eval_key"] = "bound"
     if eval_key not in ("bound", "loss"):
         raise UserError(f"--eval_key={eval_key}: expected bound or loss")
+    if not 0 <= cond_drop < 1:
+        raise UserError(f"--cond_drop={cond_drop}: a probability in [0, 1) is required")
     for key in ("log_interval", "eval_interval", "eval_iters", "ckpt_interval", "batch_size", "seq_len",
                 "gradient_accumulation_steps", "max_bad_steps"):
         if globals()[key] < 1:
@@ -423,6 +439,8 @@ def main(argv):
 
     # data; model, EMA, optimizer, possibly from a checkpoint
     train_data, val_data, data_vocab = open_data(ddp, changed, overrides)
+    if cond_drop and not isinstance(train_data, Pairs):
+        raise UserError(f"--cond_drop drops prompts of a pair dataset (data/prepare_pairs.py); {dataset} is text")
     model_cls, model_args, weights = model_spec(start, model_cls, model_args, data_vocab)
     torch.manual_seed(training_seed + rank)
     data_gen = torch.Generator().manual_seed(10_000 * training_seed + rank)
@@ -472,7 +490,8 @@ def main(argv):
                 sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
                 with sync:
                     x, extra = get_batch(train_data, data_gen, model_args["vocab_size"], dev)
-                    loss, metrics = train_model(x, **extra)[1:]  # drop the logits now: backward does not need them
+                    with drop_prompts(model, extra, data_gen):
+                        loss, metrics = train_model(x, **extra)[1:]  # drop the logits now: backward does not need them
                     loss = loss_hook(iter_num + 1, loss)
                     (loss / gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
