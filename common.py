@@ -18,6 +18,7 @@ import torch
 
 from convert import is_published, load_published
 from families import load_checkpoint, read_checkpoint
+from sampling import guided
 
 
 class UserError(Exception):
@@ -484,6 +485,21 @@ def sampler_options(args):
     opts.update({"confidence": dict(score=args.confidence, schedule=args.schedule), "remask": dict(eta=args.eta),
                  "threshold": dict(threshold=args.threshold)}.get(args.sampler, {}))
     return opts
+
+
+def guidance(model, w, seed, dev):
+    """guide(clean) for sampling.answer_prompts under --guidance w (None for w = 0), or a one-line error: w < 0, or a
+    model not trained with cond_drop > 0 (its unconditional model is untrained). The no-prompt draws (if the family
+    makes any) come from their own generator, seeded by seed + 1."""
+    if w < 0:
+        raise UserError(f"--guidance {w}: must be >= 0 (0: off)")
+    if not w:
+        return None
+    if not model.checkpoint_meta.get("training_args", {}).get("cond_drop", 0) > 0:
+        raise UserError("--guidance needs a model trained with --cond_drop > 0 (the unconditional model); this one was "
+                        "trained without dropping prompts")
+    generator = torch.Generator(device=dev).manual_seed(seed + 1)
+    return lambda clean: guided(model, w, clean, generator)
 
 
 def compile_network(model, backend="inductor"):

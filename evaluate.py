@@ -47,7 +47,7 @@ import sys
 import numpy as np
 import torch
 
-from common import (UserError, add_sampler_options, all_gather, check_length, clean_positions, comm_buffer,
+from common import (UserError, add_sampler_options, guidance, all_gather, check_length, clean_positions, comm_buffer,
                     compile_network, ddp_shutdown, default_dataset, is_pair_dataset, load_codec, open_model, open_pairs,
                     open_split, pick_device, random_windows, sampler_options, start_processes)
 from sampling import answer_prompts
@@ -212,12 +212,13 @@ def accuracy_main(args, model, data_dir, world_size):
     codec = load_codec(model.vocab_size, "", data_dir)
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(args.seed)
-    opts = sampler_options(args)
+    opts = dict(sampler_options(args), **({} if args.cache else {"cache": False}))
+    guide = guidance(model, args.guidance, args.seed, dev)
     progress = tqdm(total=len(pairs), desc="answers", unit="answer", disable=None if not args.json else True)
     try:
         answers = answer_prompts(lambda x: model.sample(x.to(dev), generator=gen, **opts),
                                  [codec.encode(p["prompt"]) for p in pairs], meta["seq_len"], codec.mask_id,
-                                 codec.eoa_id, args.batch_size, progress)
+                                 codec.eoa_id, args.batch_size, progress, guide)
     finally:
         progress.close()
     task = meta.get("task")
@@ -233,7 +234,7 @@ def accuracy_main(args, model, data_dir, world_size):
     judge = f"the {task['name']} checker" if task else "exact match"
     result = {"accuracy": k / n, "ci95": [lo, hi], "correct": k, "answers": n, "judged_by": judge,
               "network_calls": sum(r["network_calls"] for r in rows) / n, "model": type(model).__name__,
-              **{k_: v for k_, v in opts.items() if v is not None}}
+              "guidance": args.guidance, **{k_: v for k_, v in opts.items() if v is not None}}
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -499,6 +500,10 @@ def main(argv=None):
                    "prompt, choices, label; each pick the choice of lowest conditional bound (--mc draws)")
     p.add_argument("--mc", type=int, default=32, help="--choices: Monte-Carlo draws of each choice's bound")
     add_sampler_options(p)
+    p.add_argument("--guidance", type=float, default=0.0, help="--accuracy with a model trained with --cond_drop > 0: "
+                   "classifier-free guidance of this weight, two network calls per step (0: off)")
+    p.add_argument("--no_kv_cache", dest="cache", action="store_false", help="--accuracy: the samplers without "
+                   "their KV cache (needed with --guidance by the autoregressive and block-diffusion models)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     args = p.parse_args(argv)
     if bool(args.samples) != bool(args.judge):
@@ -527,6 +532,8 @@ def main(argv=None):
     data_dir = args.data_dir or os.path.join("data", dataset or "text8")
     if args.choices and not is_pair_dataset(data_dir):
         raise UserError(f"--choices scores answers on a pair dataset (data/prepare_pairs.py); {data_dir} is text")
+    if args.guidance and not args.accuracy:
+        raise UserError("--guidance applies to generated answers: give --accuracy")
     if args.accuracy and not is_pair_dataset(data_dir):
         raise UserError(f"--accuracy scores answers on a pair dataset (data/prepare_pairs.py); {data_dir} is text")
     if is_pair_dataset(data_dir):

@@ -13,6 +13,7 @@ tokens and may change any of them at every step (--steps N, default the length; 
     python sample.py CKPT --length 1024 --prompt "the"                  # beyond the training length
     python sample.py BD3LM_CKPT --length 512 --no_kv_cache               # block diffusion without its cache
     python sample.py PAIR_CKPT --prompts data/path_star/test_pairs.jsonl --out answers.jsonl   # answer prompts
+    python sample.py PAIR_CKPT --prompts FILE --guidance 1.5    # classifier-free guidance (trained with --cond_drop)
 
 By default each model's exact sampler runs. For the D3PM: the same output distribution as the T-step
 ancestral sampler, but the network is called only at the steps where some position unmasks (about
@@ -29,6 +30,9 @@ Infilling: in the template each placeholder stands for one generated token and e
 character/token is kept as given. The placeholder is the mask glyph \u2588; for text8, `?` works too.
 A model trained on a pair dataset (data/prepare_pairs.py) answers: --prompt TEXT or --prompts FILE (JSON lines
 with a prompt field, or one a line); each answer fills the rest of a row and ends at the end-of-answer id.
+--guidance W (a model trained with train.py --cond_drop > 0): every network call becomes two, with and without the
+prompt, mixed as log p(x|c) + W (log p(x|c) - log p(x)) (sampling.guided); the calls reported count both. A sampler
+that keeps a KV cache (autoregressive, block diffusion) needs --no_kv_cache with it.
 
 On a terminal the sequences unmask live (space shown as _, mask as \u2588); otherwise only the final
 text is printed. --json prints one JSON object instead.
@@ -41,7 +45,7 @@ import time
 
 import torch
 
-from common import (UserError, add_sampler_options, compile_network, default_dataset, load_codec, open_model,
+from common import (UserError, add_sampler_options, compile_network, default_dataset, guidance, load_codec, open_model,
                     pick_device, sampler_options)
 from configs import parse_value
 from sampling import answer_prompts, generate_long
@@ -105,7 +109,7 @@ def read_prompts(path):
         return lines
 
 
-def answer_main(args, codec, seq_len, sample_fn):
+def answer_main(args, codec, seq_len, sample_fn, guide=None):
     """sample.py CKPT --prompts FILE (or --prompt TEXT) with a model trained on a pair dataset: one answer per prompt,
     each cut at its end-of-answer, printed or written to --out as JSON lines (prompt, answer, network calls)."""
     if codec.eoa_id is None:
@@ -117,7 +121,7 @@ def answer_main(args, codec, seq_len, sample_fn):
     t0 = time.time()
     try:
         answers = answer_prompts(sample_fn, [codec.encode(p) for p in prompts], seq_len, codec.mask_id, codec.eoa_id,
-                                 args.batch_size)
+                                 args.batch_size, guide=guide)
     except ValueError as e:  # a prompt too long for the rows, or what the model cannot do
         raise UserError(str(e))
     rows = [{"prompt": p, "answer": codec.decode(ids), "network_calls": calls} for p, (ids, calls) in zip(prompts, answers)]
@@ -166,6 +170,8 @@ def main(argv=None):
                    "(no code generation: a quick check)")
     p.add_argument("--prompts", default=None, help="a model trained on pairs (data/prepare_pairs.py): answer every "
                    "prompt of this file (JSON lines with a prompt field, or one a line), --batch_size at a time")
+    p.add_argument("--guidance", type=float, default=0.0, help="answers (--prompts) of a model trained with "
+                   "--cond_drop > 0: classifier-free guidance of this weight, two network calls per step (0: off)")
     p.add_argument("--out", default=None, help="also write the samples to this file (JSON lines: text, ids), "
                    "for evaluate.py --samples")
     p.add_argument("--json", action="store_true", help="print one JSON object with samples and timings")
@@ -203,7 +209,10 @@ def main(argv=None):
         return model.sample(x, generator=generator, callback=view, **opts)
 
     if args.prompts or (codec.eoa_id is not None and args.prompt is not None):
-        return answer_main(args, codec, seq_len, lambda x: model.sample(x.to(dev), generator=generator, **opts))
+        return answer_main(args, codec, seq_len, lambda x: model.sample(x.to(dev), generator=generator, **opts),
+                           guidance(model, args.guidance, args.seed, dev))
+    if args.guidance:
+        raise UserError("--guidance applies to answers of a model trained on pairs (--prompts FILE or --prompt TEXT)")
     t0 = time.time()
     try:
         if args.length and any_length:
