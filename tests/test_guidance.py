@@ -252,16 +252,17 @@ def test_guidance_on_the_command_line(addition, tmp_path):
     base = ["sample.py", "--prompts", prompts, "--data_dir", os.path.join(addition, "add"), "--device", "cpu",
             "--batch_size", "4", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = run_script([*base, tmp_path / "plain", "--guidance", "1"], timeout=120, env=env)
+    proc = run_script([*base, tmp_path / "plain", "--guidance", "1"], timeout=120, env=env)  # the one-line contract
     assert_one_line_error(proc, "--cond_drop")
-    proc = run_script([*base, tmp_path / "ar", "--guidance", "1"], timeout=120, env=env)
-    assert_one_line_error(proc, "--no_kv_cache")
-    proc = run_script([*base, tmp_path / "ar", "--guidance", "-1"], timeout=120, env=env)
-    assert_one_line_error(proc, "--guidance")
-    guided_run = run_script([*base, tmp_path / "ar", "--guidance", "1", "--no_kv_cache"], timeout=120, env=env)
-    plain_run = run_script([*base, tmp_path / "ar", "--no_kv_cache"], timeout=120, env=env)
-    assert guided_run.returncode == 0 == plain_run.returncode, guided_run.stderr + plain_run.stderr
-    g, p = json.loads(guided_run.stdout)["answers"], json.loads(plain_run.stdout)["answers"]
+    import sample
+    for args, words in (([tmp_path / "ar", "--guidance", "1"], "--no_kv_cache"), ([tmp_path / "ar", "--guidance", "-1"],
+                                                                                  "--guidance")):
+        with pytest.raises(UserError, match=words), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            call_main(sample, [*base[1:], *args])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        g = call_main(sample, [*base[1:], tmp_path / "ar", "--guidance", "1", "--no_kv_cache"])
+        p = call_main(sample, [*base[1:], tmp_path / "ar", "--no_kv_cache"])
     assert len(g) == len(p) == 8
     assert [r["network_calls"] for r in g] == [2 * r["network_calls"] for r in p]
     import evaluate
