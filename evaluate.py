@@ -235,14 +235,16 @@ def accuracy_main(args, model, data_dir, world_size):
     result = {"accuracy": k / n, "ci95": [lo, hi], "correct": k, "answers": n, "judged_by": judge,
               "network_calls": sum(r["network_calls"] for r in rows) / n, "model": type(model).__name__,
               "guidance": args.guidance, **{k_: v for k_, v in opts.items() if v is not None}}
+    return report(args, result, rows, f"accuracy {k / n:.4f} ({k} of {n}, 95% interval {lo:.4f}..{hi:.4f}), judged by "
+                                      f"{judge}, {result['network_calls']:.1f} network calls per answer")
+
+
+def report(args, result, lines, text):
+    """--out: the lines as JSON lines; then the result as one JSON object (--json) or the text. Returns result."""
     if args.out:
         with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"accuracy {k / n:.4f} ({k} of {n}, 95% interval {lo:.4f}..{hi:.4f}), judged by {judge}, "
-              f"{result['network_calls']:.1f} network calls per answer")
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    print(json.dumps(result) if args.json else text)
     return result
 
 
@@ -352,15 +354,8 @@ def choices_main(args, model, data_dir, world_size):
     bound = f"conditional {model.bound_name(args.T)}, per answer token"
     result = {"accuracy": k / n, "ci95": [lo, hi], "correct": k, "questions": n, "mc": args.mc,
               "model": type(model).__name__, "bound": bound, "T": args.T}
-    if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in lines)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"accuracy {k / n:.4f} ({k} of {n} questions, 95% interval {lo:.4f}..{hi:.4f}), each pick the choice "
-              f"of lowest {bound} ({args.mc} draws)")
-    return result
+    return report(args, result, lines, f"accuracy {k / n:.4f} ({k} of {n} questions, 95% interval {lo:.4f}..{hi:.4f}), "
+                                       f"each pick the choice of lowest {bound} ({args.mc} draws)")
 
 
 def pairs_main(args, model, data_dir, rank, world_size):
