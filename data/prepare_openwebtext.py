@@ -183,6 +183,21 @@ def _lines(path):
         raise PrepareError(f'{path}: not UTF-8 text ({_one_line(e, 150)})') from None
 
 
+def json_objects(path):
+    """Yield (line number, object) for each non-blank line of a JSON-lines file; a line that is not a JSON object is a
+    PrepareError naming it."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f'{path}:{lineno}: invalid JSON ({e.msg})') from None
+        if not isinstance(obj, dict):
+            raise PrepareError(f'{path}:{lineno}: expected a JSON object, got {type(obj).__name__}')
+        yield lineno, obj
+
+
 def iter_file_documents(path, text_column='text', txt_lines=False):
     """Yield the non-blank documents of one .txt / .jsonl / .parquet file (see the module docstring)."""
     ext = os.path.splitext(path)[1].lower()
@@ -197,15 +212,7 @@ def iter_file_documents(path, text_column='text', txt_lines=False):
     elif ext == '.txt':
         yield from (line for _, line in _lines(path) if line.strip())
     elif ext == '.jsonl':
-        for lineno, line in _lines(path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f'{path}:{lineno}: invalid JSON ({e.msg})') from None
-            if not isinstance(obj, dict):
-                raise PrepareError(f'{path}:{lineno}: expected a JSON object, got {type(obj).__name__}')
+        for lineno, obj in json_objects(path):
             if text_column not in obj:
                 raise PrepareError(f'{path}:{lineno}: no field {text_column!r} (fields: {", ".join(obj)}); '
                                    f'pick one with --text_column')

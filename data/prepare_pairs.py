@@ -72,7 +72,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from data.prepare_openwebtext import PrepareError, encoding_kwargs, load_encoding  # noqa: E402
+from data.prepare_openwebtext import PrepareError, encoding_kwargs, json_objects, load_encoding  # noqa: E402
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 EXTENSIONS = ('.jsonl', '.csv', '.parquet')
@@ -122,18 +122,9 @@ def read_file_pairs(path, prompt_column='prompt', answer_column='answer'):
     pairs = []
     try:
         if ext == '.jsonl':
-            with open(path, encoding='utf-8', newline='\n') as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PrepareError(f'{path}:{lineno}: invalid JSON ({e.msg})') from None
-                    if not isinstance(obj, dict):
-                        raise PrepareError(f'{path}:{lineno}: expected a JSON object, got {type(obj).__name__}')
-                    _missing(f'{path}:{lineno}', list(obj), *cols)
-                    pairs.append(_pair(obj[prompt_column], obj[answer_column], f'{path}:{lineno}', *cols))
+            for lineno, obj in json_objects(path):
+                _missing(f'{path}:{lineno}', list(obj), *cols)
+                pairs.append(_pair(obj[prompt_column], obj[answer_column], f'{path}:{lineno}', *cols))
         elif ext == '.csv':
             csv.field_size_limit(2 ** 31 - 1)
             with open(path, encoding='utf-8', newline='') as f:
