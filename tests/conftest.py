@@ -260,3 +260,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---- Monte-Carlo checks against an exact value ------------------------------------------------------------------
+def estimates(fn, n):
+    """The mean of fn(0), ..., fn(n - 1) (numbers, or arrays: elementwise) and its standard error."""
+    import math
+    vals = np.array([np.asarray(fn(i), dtype=np.float64) for i in range(n)])
+    return vals.mean(0), vals.std(0, ddof=1) / math.sqrt(n)
+
+
+def assert_unbiased(mean, se, exact, wrong, what):
+    """mean within 4 SE of exact, and every plausibly wrong value outside 8 SE of it (the check has power)."""
+    assert abs(mean - exact) < 4 * se, f"{what}: mean {mean:.5f} vs exact {exact:.5f} (se {se:.5f})"
+    for name, value in wrong.items():
+        assert abs(value - exact) > 8 * se, f"{what}: the check cannot tell '{name}' ({value:.5f}) from {exact:.5f}"

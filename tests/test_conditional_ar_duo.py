@@ -25,7 +25,7 @@ import torch
 
 import duo
 from ar import AR
-from conftest import randomize_weights
+from conftest import assert_unbiased, estimates, randomize_weights
 from duo import Duo
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, 2 cores shared
@@ -337,16 +337,6 @@ def n_step_rows(model, N, variant="right"):
         out.append(row_values(kl, t, held, ~c).sum(0))
     return np.stack(out)[:, ROWS]
 
-
-def estimates(fn, n):
-    vals = np.array([float(fn(i)) for i in range(n)])
-    return vals.mean(), vals.std(ddof=1) / math.sqrt(n)
-
-
-def assert_unbiased(mean, se, exact, wrong, what):
-    assert abs(mean - exact) < 4 * se, f"{what}: mean {mean:.5f} vs exact {exact:.5f} (se {se:.5f})"
-    for name, value in wrong.items():
-        assert abs(value - exact) > 8 * se, f"{what}: the check cannot tell '{name}' ({value:.5f}) from {exact:.5f}"
 
 
 def pair_batch(copies):

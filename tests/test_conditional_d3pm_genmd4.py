@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_weights
+from conftest import assert_unbiased, estimates, randomize_weights
 from d3pm import D3PMAbsorbing
 from genmd4 import GenMD4
 from test_d3pm_loss import AbsorbingOracle, softmax64
@@ -38,16 +38,6 @@ ROWS = [((0, 1, 2), (True, False, False)),
 X0 = torch.tensor([r[0] for r in ROWS])
 CLEAN = torch.tensor([r[1] for r in ROWS])
 
-
-def estimates(fn, n):
-    vals = np.array([float(fn(i)) for i in range(n)])
-    return vals.mean(), vals.std(ddof=1) / math.sqrt(n)
-
-
-def assert_unbiased(mean, se, exact, wrong, what):
-    assert abs(mean - exact) < 4 * se, f"{what}: mean {mean:.5f} vs exact {exact:.5f} (se {se:.5f})"
-    for name, value in wrong.items():
-        assert abs(value - exact) > 8 * se, f"{what}: the check cannot tell '{name}' ({value:.5f}) from {exact:.5f}"
 
 
 def batches(copies, g):

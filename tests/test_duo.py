@@ -41,7 +41,7 @@ import pytest
 import torch
 
 import duo
-from conftest import chi2_pvalue, chisquare_pvalue, randomize_weights
+from conftest import assert_unbiased, chi2_pvalue, chisquare_pvalue, estimates, randomize_weights
 from duo import Duo
 
 V, L = 3, 2
@@ -174,16 +174,6 @@ def n_step_bound(model, N, variant="right"):
         kl = np.where(q > 0, q * np.log(q / p), 0.0).sum((-1, -2))                  # (N, x, z)
     return float((q_state(t) * kl).sum(-1).mean(-1).sum()) / L
 
-
-def estimates(fn, n):
-    vals = np.array([float(fn(i)) for i in range(n)])
-    return vals.mean(), vals.std(ddof=1) / math.sqrt(n)
-
-
-def assert_unbiased(mean, se, exact, wrong, what):
-    assert abs(mean - exact) < 4 * se, f"{what}: mean {mean:.5f} vs exact {exact:.5f} (se {se:.5f})"
-    for name, value in wrong.items():
-        assert abs(value - exact) > 8 * se, f"{what}: the check cannot tell '{name}' ({value:.5f}) from {exact:.5f}"
 
 
 def bound_estimates(model, copies, n, seed, T=None):

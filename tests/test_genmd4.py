@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import chisquare_pvalue, randomize_weights
+from conftest import assert_unbiased, chisquare_pvalue, estimates, randomize_weights
 from genmd4 import GenMD4
 from mdlm import MDLM
 
@@ -112,16 +112,6 @@ def objective(w, mu, t, gw, variant="right", prob_w=None):
     prob = pattern_prob(w if prob_w is None else prob_w, t)
     return float(((prob * integrand(w, mu, t, variant)).sum(-1) * gw[:, None]).sum(0).mean()) / L
 
-
-def estimates(fn, n):
-    vals = np.array([np.asarray(fn(i), dtype=np.float64) for i in range(n)])
-    return vals.mean(0), vals.std(0, ddof=1) / math.sqrt(n)
-
-
-def assert_unbiased(mean, se, exact, wrong, what):
-    assert abs(mean - exact) < 4 * se, f"{what}: mean {mean:.5f} vs exact {exact:.5f} (se {se:.5f})"
-    for name, value in wrong.items():
-        assert abs(value - exact) > 8 * se, f"{what}: the check cannot tell '{name}' ({value:.5f}) from {exact:.5f}"
 
 
 def bound_estimates(model, copies, n, seed, T=None):

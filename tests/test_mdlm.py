@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import chisquare_pvalue, randomize_weights
+from conftest import assert_unbiased, chisquare_pvalue, estimates, randomize_weights
 from mdlm import MDLM
 
 V, L = 3, 3
@@ -125,17 +125,6 @@ def n_step_bound(table_fn, schedule, N):
     coef = (alpha(schedule, s) - alpha(schedule, t)) / (1 - alpha(schedule, t))
     return coef @ expected_ce(table_fn(t), 1 - alpha(schedule, t))
 
-
-def estimates(fn, n):
-    vals = np.array([float(fn(i)) for i in range(n)])
-    return vals.mean(), vals.std(ddof=1) / math.sqrt(n)
-
-
-def assert_unbiased(mean, se, exact, wrong, what):
-    """mean within 4 SE of exact, and every plausibly wrong value outside that band (the check has power)."""
-    assert abs(mean - exact) < 4 * se, f"{what}: mean {mean:.5f} vs exact {exact:.5f} (se {se:.5f})"
-    for name, value in wrong.items():
-        assert abs(value - exact) > 8 * se, f"{what}: the check cannot tell '{name}' ({value:.5f}) from {exact:.5f}"
 
 
 # ---- module fixtures: the models and their exact bounds ---------------------------------------------------
