@@ -26,10 +26,11 @@ The checkers take the answer exactly as written: no spaces, no padding (strip a 
 Formats (examples: generate(name, 1, seed=0) with the defaults, shortened with ...):
 
 path_star   degree=3 arms of arm_length=5 nodes each go out from a centre node; the 1 + degree * arm_length
-            labels are distinct, drawn from range(nodes=50). Prompt: the edges "a>b" (directed away from the
+            labels are distinct, drawn from range(nodes=36) and written in base 36 (0-9 then a-z, no leading
+            zeros), so up to 36 nodes every label is one character, one token of --tokenizer chars. Prompt: the edges "a>b" (directed away from the
             centre) in random order, joined by ",", then "|", then "start>goal" (start = the centre, goal =
             the last node of one arm). Answer: the path from start to goal, labels joined by ",".
-                19>44,41>10,36>22,...,22>33,44>8|36>40   ->   36,41,10,48,21,40
+                m>x,a>q,b>a,2>k,...,j>y,m>5,y>4|m>v   ->   m,x,p,2,k,v
             Checker: the answer is exactly the path found by walking the prompt's edges back from the goal.
 
 sudoku      Prompt: the 81 cells row by row, "0" for a blank, min_givens..max_givens (default 30..40) of
@@ -67,7 +68,7 @@ from collections import Counter
 ALPHABET = '0123456789abcdefghijklmnopqrstuvwxyz ,;:=+-*/|>()'
 
 TASKS = {
-    'path_star': {'degree': 3, 'arm_length': 5, 'nodes': 50},
+    'path_star': {'degree': 3, 'arm_length': 5, 'nodes': 36},
     'sudoku': {'min_givens': 30, 'max_givens': 40},
     'countdown': {'numbers': 4, 'max_number': 99, 'min_target': 10, 'max_target': 100},
     'addition': {'min_digits': 1, 'max_digits': 5},
@@ -75,6 +76,17 @@ TASKS = {
 
 MAX_MISSES = 1000  # generate gives up after this many duplicate problems in a row
 _NUM = r'(?:0|[1-9][0-9]{0,999})'  # a decimal without leading zeros ([0-9], not \d: no other Unicode digits)
+_B36 = r'(?:0|[1-9a-z][0-9a-z]{0,99})'  # a base-36 numeral without leading zeros (path_star's labels)
+_DIGITS36 = '0123456789abcdefghijklmnopqrstuvwxyz'
+
+
+def _base36(v):
+    """v >= 0 written in base 36: 0-9 then a-z."""
+    out = _DIGITS36[v % 36]
+    while v >= 36:
+        v //= 36
+        out = _DIGITS36[v % 36] + out
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +129,7 @@ def _params(name, params):
 # path_star
 
 def _make_path_star(rng, degree, arm_length, nodes):
-    labels = [str(v) for v in rng.sample(range(nodes), 1 + degree * arm_length)]
+    labels = [_base36(v) for v in rng.sample(range(nodes), 1 + degree * arm_length)]
     centre, arms = labels[0], [labels[1 + a * arm_length: 1 + (a + 1) * arm_length] for a in range(degree)]
     edges = [f'{a}>{b}' for arm in arms for a, b in zip([centre] + arm, arm)]
     rng.shuffle(edges)
@@ -127,7 +139,7 @@ def _make_path_star(rng, degree, arm_length, nodes):
 
 def _parse_path_star(prompt):
     """(parent of each node, start, goal) of a path_star prompt; ValueError if malformed."""
-    m = re.fullmatch(rf'((?:{_NUM}>{_NUM},)*{_NUM}>{_NUM})\|({_NUM})>({_NUM})', prompt)
+    m = re.fullmatch(rf'((?:{_B36}>{_B36},)*{_B36}>{_B36})\|({_B36})>({_B36})', prompt)
     if not m:
         raise ValueError(f'path_star: malformed prompt {prompt[:60]!r}')
     parent = {}

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from data import tasks
@@ -71,11 +72,16 @@ def countdown_solutions(nums):
     return out
 
 
+def b36(v):
+    """The test's own base-36 writing (numpy's, lowercase)."""
+    return np.base_repr(v, 36).lower()
+
+
 def parse_star(prompt):
-    """The test's own parse of a path_star prompt: (edges as int pairs, start, goal)."""
+    """The test's own parse of a path_star prompt (labels in base 36): (edges as int pairs, start, goal)."""
     edge_part, query = prompt.split('|')
-    edges = [tuple(int(x) for x in e.split('>')) for e in edge_part.split(',')]
-    start, goal = (int(x) for x in query.split('>'))
+    edges = [tuple(int(x, 36) for x in e.split('>')) for e in edge_part.split(',')]
+    start, goal = (int(x, 36) for x in query.split('>'))
     return edges, start, goal
 
 
@@ -172,6 +178,8 @@ def test_path_star_shape_and_checker(params):
             out.setdefault(a, []).append(b)
         labels = {x for e in edges for x in e}
         assert len(edges) == D * M and len(labels) == 1 + D * M and all(0 <= x < N for x in labels)
+        if N <= 36:  # one character (one token of --tokenizer chars) per label
+            assert all(len(x) == 1 for x in prompt.replace('|', ',').replace('>', ',').split(','))
         assert len(out[start]) == D and all(len(v) <= 1 for k, v in out.items() if k != start)
         arms = []
         for first in out[start]:
@@ -182,17 +190,17 @@ def test_path_star_shape_and_checker(params):
         assert sorted(len(a) for a in arms) == [M] * D
         assert goal in [a[-1] for a in arms]
         true = [start] + next(a for a in arms if a[-1] == goal)
-        assert answer == ','.join(map(str, true))
+        assert answer == ','.join(map(b36, true))
         assert tasks.check('path_star', prompt, answer)
         for arm in arms:  # the other arms, whole
             if arm[-1] != goal:
-                assert not tasks.check('path_star', prompt, ','.join(map(str, [start] + arm)))
+                assert not tasks.check('path_star', prompt, ','.join(map(b36, [start] + arm)))
         wrong = [true[:-1], true[1:], true[::-1], true + [true[-1]], [start, goal]]
         if M > 1:
             wrong.append(true[:1] + true[2:])
         for w in wrong:
             if w != true:
-                assert not tasks.check('path_star', prompt, ','.join(map(str, w)))
+                assert not tasks.check('path_star', prompt, ','.join(map(b36, w)))
         for bad in ('', answer + ',', ' ' + answer, answer.replace(',', ';'), '0' + answer, None, true):
             assert tasks.check('path_star', prompt, bad) is False
 
