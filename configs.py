@@ -233,6 +233,37 @@ def duo_tiny():
     return _uniform(d3pm_tiny, -2.68, 1.59)
 
 
+# ---- conditional tasks: every family on each task of data/tasks.py (data/prepare_pairs.py --task NAME) -------
+# <family>_<task>_cpu: the family's _text8_cpu network (1M parameters, the same for every family) at the task's
+# budget on one core; <family>_<task>: its _text8 network (GPU size). The row length is the dataset's.
+TASK_BUDGETS_CPU = {  # about an hour of one core each (RESULTS.md: conditional generation)
+    "path_star": dict(batch_size=32, max_iters=12_000),
+    "sudoku": dict(batch_size=32, max_iters=6_000),
+    "countdown": dict(batch_size=64, max_iters=10_000),
+    "addition": dict(batch_size=64, max_iters=10_000),
+}
+TASK_BUDGET_GPU = dict(batch_size=256, max_iters=50_000, warmup_iters=1000, eval_interval=2000, ckpt_interval=2000)
+
+
+def _on_task(config, task, budget):
+    def task_config():
+        model_cls, model_args, training_args = config()
+        training_args = dict(training_args, dataset=task, **{"eval_interval": 1000, "ckpt_interval": 1000, **budget})
+        if "curriculum_iters" in model_args:  # Duo: the curriculum for the first half of the steps, as on text
+            model_args = dict(model_args, curriculum_iters=training_args["max_iters"] // 2)
+        return model_cls, model_args, training_args
+    task_config.__doc__ = f"{config.__name__}'s network and recipe on the pairs of data/{task}."
+    return task_config
+
+
+for _config in [f for name, f in list(globals().items()) if name.endswith(("_text8", "_text8_cpu"))]:
+    for _task in TASK_BUDGETS_CPU:
+        _cpu = _config.__name__.endswith("_cpu")
+        _name = _config.__name__.replace("text8", _task)
+        globals()[_name] = _on_task(_config, _task, TASK_BUDGETS_CPU[_task] if _cpu else TASK_BUDGET_GPU)
+        globals()[_name].__name__ = _name
+
+
 NAMES = [name for name, f in list(globals().items())
          if inspect.isfunction(f) and f.__module__ == __name__ and not name.startswith("_")]
 

@@ -494,6 +494,28 @@ def test_each_family_clips_as_its_paper():
         assert training_args.get("grad_clip") == expected[cls.__name__], name
 
 
+def test_task_configs_are_the_family_configs_on_each_task():
+    """<family>_<task>_cpu / <family>_<task>: the network and recipe of <family>_text8_cpu / <family>_text8 on
+    data/<task>, at the task's budget; one network for all families of a task (equal parameters)."""
+    from data import tasks
+    for task in tasks.TASKS:
+        networks = set()
+        for name in configs.NAMES:
+            if name.endswith("_text8_cpu") or name.endswith("_text8"):
+                base_cls, base_args, base_training = getattr(configs, name)()
+                cls, model_args, training_args = getattr(configs, name.replace("text8", task))()
+                assert cls is base_cls and training_args["dataset"] == task
+                budget = configs.TASK_BUDGETS_CPU[task] if name.endswith("_cpu") else configs.TASK_BUDGET_GPU
+                assert all(training_args[k] == v for k, v in budget.items())
+                assert {k: v for k, v in model_args.items() if k != "curriculum_iters"} == \
+                    {k: v for k, v in base_args.items() if k != "curriculum_iters"}
+                assert model_args.get("curriculum_iters", 0) in (0, training_args["max_iters"] // 2)
+                assert training_args["learning_rate"] == base_training["learning_rate"]
+                if name.endswith("_cpu"):
+                    networks.add(tuple(model_args[k] for k in ("n_embed", "n_heads", "n_blocks", "n_cond")))
+        assert len(networks) == 1, (task, networks)
+
+
 def test_a_pair_dataset_is_refused_in_one_line(tmp_path):
     """Rows of prompt -> answer pairs (a 2-D array) are not a text stream: the scripts refuse them until conditional
     training lands, instead of cutting windows across rows."""
