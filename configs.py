@@ -19,6 +19,7 @@ from common import UserError
 from d3pm import D3PMAbsorbing
 from duo import Duo
 from genmd4 import GenMD4
+from gidd import GIDD
 from mdlm import MDLM
 
 
@@ -231,6 +232,39 @@ def duo_text8_cpu():
 def duo_tiny():
     """A toy Duo for tests and smoke runs."""
     return _uniform(d3pm_tiny, -2.68, 1.59)
+
+
+def _interpolating(d3pm_config, p_uniform=0.0):
+    """GIDD: the hybrid process of uniform share p_uniform (--p_uniform=0.1, GIDD's 0.1 / 0.2; 0: masked), its dynamic
+    loss weighting and t_eps, gradients clipped at 1.0 (their recipe)."""
+    _, model_args, training_args = d3pm_config()
+    return GIDD, dict(_network_args(model_args), p_uniform=p_uniform, t_eps=1e-4, loss_weighting="dynamic",
+                      min_loss_weight=0.0, max_loss_weight=2.0, antithetic=True), dict(training_args, grad_clip=1.0)
+
+
+def gidd_text8():
+    """GIDD (mask + uniform noise, --p_uniform=P, default 0) at d3pm_text8's size and budget."""
+    return _interpolating(d3pm_text8)
+
+
+def gidd_openwebtext_8gpu():
+    """GIDD's published small run (gidd-small-p_unif-*: 768 x 12 blocks, 12 heads, 128 time dims, 512 tokens, 8 GPUs x
+    64 rows, 500k steps = 131B tokens, Adam 5e-4, betas (0.9, 0.99), weight decay 0.02, 10k warmup, cosine to a tenth),
+    untied output layer as theirs; --p_uniform=0.1 or 0.2 for their hybrid models."""
+    model_cls, model_args, training_args = _interpolating(d3pm_openwebtext_8gpu)
+    training_args.update(batch_size=64, seq_len=512, gradient_accumulation_steps=1, learning_rate=5e-4, min_lr=5e-5,
+                         beta2=0.99, weight_decay=0.02, warmup_iters=10_000, max_iters=500_000)
+    return model_cls, dict(model_args, tied_output=False), training_args
+
+
+def gidd_text8_cpu():
+    """GIDD with exactly d3pm_text8_cpu's network, data, batch, schedule and steps (--p_uniform=0.1, 0.2)."""
+    return _interpolating(d3pm_text8_cpu)
+
+
+def gidd_tiny():
+    """A toy GIDD for tests and smoke runs (p_uniform 0.1: both kinds of noise)."""
+    return _interpolating(d3pm_tiny, p_uniform=0.1)
 
 
 # ---- conditional tasks: every family on each task of data/tasks.py (data/prepare_pairs.py --task NAME) -------

@@ -68,9 +68,10 @@ from bd3lm import BD3LM
 from d3pm import D3PMAbsorbing
 from duo import Duo
 from genmd4 import GenMD4
+from gidd import GIDD
 from mdlm import MDLM
 
-FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM, GenMD4, Duo)}  # checkpoints name them: model_cls
+FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM, GenMD4, Duo, GIDD)}  # checkpoints name them: model_cls
 
 EMA_PREFIX = "ema_model."
 
