@@ -21,6 +21,7 @@ from duo import Duo
 from genmd4 import GenMD4
 from gidd import GIDD
 from mdlm import MDLM
+from sedd import SEDD
 
 
 def d3pm_text8():
@@ -232,6 +233,39 @@ def duo_text8_cpu():
 def duo_tiny():
     """A toy Duo for tests and smoke runs."""
     return _uniform(d3pm_tiny, -2.68, 1.59)
+
+
+def _score(d3pm_config):
+    """SEDD: the absorbing graph, their log-linear noise (eps 1e-3) and score scaling, gradients clipped at 1.0 (their
+    recipe). --graph=uniform --scale_by_sigma=false for their uniform graph, --noise=geometric for the geometric noise."""
+    _, model_args, training_args = d3pm_config()
+    return SEDD, dict(_network_args(model_args), graph="absorb", noise="loglinear", eps=1e-3, sigma_min=1e-4,
+                      sigma_max=20.0, scale_by_sigma=True, antithetic=True, t_eps=1e-3), dict(training_args, grad_clip=1.0)
+
+
+def sedd_text8():
+    """SEDD (score entropy, absorbing graph) at d3pm_text8's size and budget."""
+    return _score(d3pm_text8)
+
+
+def sedd_openwebtext_8gpu():
+    """SEDD-small as published (louaaron/sedd-small: 768 x 12 blocks, 12 heads, 128 time dims, dropout 0.1, 1024 tokens,
+    untied output layer; 512 sequences per step = 8 GPUs x 16 x 4 accumulation, AdamW 3e-4 without weight decay or
+    decay of the rate, 2500 warmup steps, 1.3M steps, EMA 0.9999)."""
+    model_cls, model_args, training_args = _score(d3pm_openwebtext_8gpu)
+    training_args.update(gradient_accumulation_steps=4, learning_rate=3e-4, decay_lr=False, weight_decay=0.0,
+                         beta2=0.999, warmup_iters=2500, max_iters=1_300_000, ema_beta=0.9999)
+    return model_cls, dict(model_args, dropout=0.1, tied_output=False), training_args
+
+
+def sedd_text8_cpu():
+    """SEDD with exactly d3pm_text8_cpu's network, data, batch, schedule and steps."""
+    return _score(d3pm_text8_cpu)
+
+
+def sedd_tiny():
+    """A toy SEDD for tests and smoke runs."""
+    return _score(d3pm_tiny)
 
 
 def _interpolating(d3pm_config, p_uniform=0.0):

@@ -70,8 +70,9 @@ from duo import Duo
 from genmd4 import GenMD4
 from gidd import GIDD
 from mdlm import MDLM
+from sedd import SEDD
 
-FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM, GenMD4, Duo, GIDD)}  # checkpoints name them: model_cls
+FAMILIES = {cls.__name__: cls for cls in (D3PMAbsorbing, MDLM, AR, BD3LM, GenMD4, Duo, GIDD, SEDD)}  # checkpoints name them: model_cls
 
 EMA_PREFIX = "ema_model."
 
