@@ -469,6 +469,10 @@ def add_sampler_options(p):
                    "at least this probability, in (0, 1]")
     p.add_argument("--eta", type=float, default=0.02, help="remask sampler: the largest probability of masking a "
                    "generated token again at a step (ReMDM's eta_cap)")
+    p.add_argument("--correction_steps", type=int, default=0, help="GIDD: after sampling, up to this many network "
+                   "calls of self-correction (each changes the likeliest different draw, one token per row; 0: off)")
+    p.add_argument("--correction_temperature", type=float, default=0.1, help="GIDD self-correction: the temperature "
+                   "of its draws (GIDD's 0.1)")
 
 
 def sampler_options(args):
@@ -481,9 +485,13 @@ def sampler_options(args):
         raise UserError(f"--threshold must be in (0, 1], not {args.threshold}")
     if not 0 <= args.eta <= 1:
         raise UserError("--eta must be in [0, 1]")
+    if args.correction_steps < 0 or args.correction_temperature < 0:
+        raise UserError("--correction_steps >= 0 and --correction_temperature >= 0 are required")
     opts = dict(steps=args.steps, sampler=args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     opts.update({"confidence": dict(score=args.confidence, schedule=args.schedule), "remask": dict(eta=args.eta),
                  "threshold": dict(threshold=args.threshold)}.get(args.sampler, {}))
+    if args.correction_steps:  # only then: a family without self-correction refuses the option
+        opts.update(correction_steps=args.correction_steps, correction_temperature=args.correction_temperature)
     return opts
 
 

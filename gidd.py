@@ -27,7 +27,7 @@ clipped, both clipped to [min_loss_weight, max_loss_weight]; "elbo" (their "none
 Evaluation draws t = v^3 (dt = 3 v^2 dv, v stratified): a token != x appears w.p. ~sqrt(t) and then costs ~log(1/t)/t,
 so uniform t has an infinite variance and v^3 a finite one. The N-step bound (T = N, the grid t_j = j/N of sample()):
     L_N = sum_j E_{z_tj} KL(q(z_t(j-1) | z_tj, x) || p(z_t(j-1) | z_tj)),   the last KL -log p(z_0 = x | z_t1);
-q_1 is the prior exactly, so there is no prior term; L_N decreases to the ELBO as N grows.
+q_1 is the prior exactly, so there is no prior term; L_N tends to the ELBO as N grows (error ~ 1/N).
 
 Sampling: z_1 = all masks, then N steps of p(z_s | z_t) down the grid t_j = j/N (N calls), x_hat after temperature /
 top_k / top_p (temperature 0: onehot(argmax)). Self-correction (GIDD's, correction_steps = K > 0): at t0 = 0.01, each call
