@@ -495,6 +495,14 @@ def sampler_options(args):
     return opts
 
 
+def refuse_unsupported(model, opts):
+    """opts, after a one-line UserError if they ask model.sample for self-correction and it has none (GIDD has)."""
+    import inspect
+    if opts.get("correction_steps") and "correction_steps" not in inspect.signature(model.sample).parameters:
+        raise UserError(f"--correction_steps: {type(model).__name__} has no self-correction step (GIDD has)")
+    return opts
+
+
 def guidance(model, w, seed, dev):
     """guide(clean) for sampling.answer_prompts under --guidance w (None for w = 0), or a one-line error: w < 0, or a
     model not trained with cond_drop > 0 (its unconditional model is untrained). The no-prompt draws (if the family

@@ -49,7 +49,7 @@ import torch
 
 from common import (UserError, add_sampler_options, guidance, all_gather, check_length, clean_positions, comm_buffer,
                     compile_network, ddp_shutdown, default_dataset, is_pair_dataset, load_codec, open_model, open_pairs,
-                    open_split, pick_device, random_windows, sampler_options, start_processes)
+                    open_split, pick_device, random_windows, refuse_unsupported, sampler_options, start_processes)
 from sampling import answer_prompts
 
 
@@ -212,7 +212,7 @@ def accuracy_main(args, model, data_dir, world_size):
     codec = load_codec(model.vocab_size, "", data_dir)
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(args.seed)
-    opts = dict(sampler_options(args), **({} if args.cache else {"cache": False}))
+    opts = refuse_unsupported(model, dict(sampler_options(args), **({} if args.cache else {"cache": False})))
     guide = guidance(model, args.guidance, args.seed, dev)
     progress = tqdm(total=len(pairs), desc="answers", unit="answer", disable=None if not args.json else True)
     try:

@@ -46,7 +46,7 @@ import time
 import torch
 
 from common import (UserError, add_sampler_options, compile_network, default_dataset, guidance, load_codec, open_model,
-                    pick_device, sampler_options)
+                    pick_device, refuse_unsupported, sampler_options)
 from configs import parse_value
 from sampling import answer_prompts, generate_long
 
@@ -186,6 +186,7 @@ def main(argv=None):
 
     dev = pick_device(args.device)
     model = open_model(args.ckpt, args.ema, dev)
+    refuse_unsupported(model, opts)
     if args.compile:
         compile_network(model, args.compile_backend)
     vocab = model.vocab_size
