@@ -2,12 +2,13 @@
 GIDD: Generalized Interpolating Discrete Diffusion (von Rutte et al., ICML 2025), its hybrid mask + uniform noise.
 
 Forward process. Tokens 0..V-1, mask m = V. Each token independently, at time t in [0, 1]:
-    q_t(z | x) = alpha_t onehot(x) + beta_t pi_t,    alpha_t = (1 - t) / C_t,    beta_t pi_t = (t onehot(m) + c_t u) / C_t,
+    q_t(z | x) = alpha_t onehot(x) + beta_t pi_t,  alpha_t = (1 - t) / C_t,  beta_t pi_t = (t onehot(m) + c_t u) / C_t,
     c_t = B t^(g/2) (1 - t)^(g/2),   C_t = 1 + c_t,   B = 2^g p / (1 - p),   g = 1,   u = uniform over the V tokens,
 p = max(p_uniform, e^-20) (GIDD's code: p_uniform = 0 leaves c_t < 3e-9, masked diffusion up to ~1e-8). So z_t is the
 mask w.p. t / C_t and a uniformly random token w.p. c_t / C_t, a share that is 0 at both ends and peaks at t = 1/2 at
 exactly p. q_1 = onehot(m): the prior is all masks. The process is Markov: from s to t > s a token stays w.p.
-alpha_t|s = alpha_t / alpha_s, else it is drawn from beta_t pi_t - alpha_t|s beta_s pi_s (>= 0: t/(1-t), c_t/(1-t) grow).
+alpha_t|s = alpha_t / alpha_s, else it is drawn from beta_t pi_t - alpha_t|s beta_s pi_s (>= 0: t/(1-t) and c_t/(1-t)
+grow with t).
 
 Reverse model. The DiT reads z_t and t (the time itself, clamped to [t_eps, 1 - t_eps], as GIDD's network) and predicts
 x_hat = p(x | z_t) over the V tokens (the mask logit is dropped). With q_r(. | x_hat) = alpha_r x_hat + beta_r pi_r,
@@ -22,19 +23,23 @@ The ELBO (GIDD's, in closed form), with q = q_t(. | x), p = q_t(. | x_hat), r = 
 q takes three values (at x, at m where it equals p, and u_t = c_t / (V C_t) elsewhere), so the KL needs only log p at x
 and the sum of log p over the tokens. Training weighs w_t (KL + IS) by GIDD's loss_weighting instead: "dynamic" (their
 default) weight 2 at a mask, 1 at a token != x, B / (V + 1) exp((g/2) sigmoid(-t)) at x (their formula), "clip": w_t
-clipped, both clipped to [min_loss_weight, max_loss_weight]; "elbo" (their "none"): w_t. t is drawn on [t_eps, 1 - t_eps]
-(low discrepancy). metrics["bound"] is always the ELBO integrand's mean (nats/token).
+clipped, both clipped to [min_loss_weight, max_loss_weight]; "elbo" (their "none"): w_t. t is drawn on
+[t_eps, 1 - t_eps] (low discrepancy). metrics["bound"] is always the ELBO integrand's mean (nats/token).
 Evaluation draws t = v^3 (dt = 3 v^2 dv, v stratified): a token != x appears w.p. ~sqrt(t) and then costs ~log(1/t)/t,
 so uniform t has an infinite variance and v^3 a finite one. The N-step bound (T = N, the grid t_j = j/N of sample()):
     L_N = sum_j E_{z_tj} KL(q(z_t(j-1) | z_tj, x) || p(z_t(j-1) | z_tj)),   the last KL -log p(z_0 = x | z_t1);
 q_1 is the prior exactly, so there is no prior term; L_N tends to the ELBO as N grows (error ~ 1/N).
 
 Sampling: z_1 = all masks, then N steps of p(z_s | z_t) down the grid t_j = j/N (N calls), x_hat after temperature /
-top_k / top_p (temperature 0: onehot(argmax)). Self-correction (GIDD's, correction_steps = K > 0): at t0 = 0.01, each call
-draws z' ~ softmax(logits / correction_temperature) (0.1, theirs) at every generated position and replaces the one
-token, per row, where z' != z has the largest probability; a row stops when nothing would change (a fixed point), or
-after PATIENCE calls without the share of its tokens equal to the argmax rising above its best (the last change undone),
-or after K calls.
+top_k / top_p (temperature 0: onehot(argmax)). Self-correction (GIDD's, correction_steps = K > 0): at t0 = 0.01, each
+call draws z' ~ softmax(logits / correction_temperature) (0.1, theirs) at every generated position and replaces the
+one token, per row, where z' != z has the largest probability; a row stops when nothing would change (a fixed point),
+or after PATIENCE calls without the share of its generated tokens equal to the argmax rising above its best (the last
+change undone), or after K calls.
+Unlike their code: their sampler starts from the prior at t = 1 - 1/N (of a grid in [t_eps, 1 - t_eps]), ends at t_eps
+with a step that changes nothing and may leave masks; ours runs the whole grid from t = 1 (the prior exactly) to s = 0
+(no mask left), the network reading t clamped to their range. Their bound is a quadrature over t, ours an unbiased
+estimate; their self-correction runs one sequence at a time, ours per row of a batch.
 
 Conditional (families.py's clean mask C, the prompt): z_t^C = x^C at every t, the network reads it, and only the other
 positions U are scored; the process and the model factorise over positions, so the ELBO of x^U given x^C is the same
@@ -62,7 +67,8 @@ class GIDD(nn.Module):
             raise ValueError(f"loss_weighting must be dynamic, clip or elbo, not {loss_weighting!r}")
         self.vocab_size, self.mask_id = vocab_size, vocab_size
         self.p_uniform, self.t_eps, self.antithetic = p_uniform, t_eps, antithetic
-        self.loss_weighting, self.min_loss_weight, self.max_loss_weight = loss_weighting, min_loss_weight, max_loss_weight
+        self.loss_weighting = loss_weighting
+        self.min_loss_weight, self.max_loss_weight = min_loss_weight, max_loss_weight
         self.gamma = 1.0
         p = max(p_uniform, math.exp(-20))
         self.B = math.exp(max(self.gamma * math.log(2) + math.log(p) - math.log1p(-p), -20))
@@ -204,8 +210,9 @@ class GIDD(nn.Module):
     @torch.no_grad()
     def sample(self, x, steps=None, generator=None, callback=None, cache=True, sampler="ancestral", temperature=1.0,
                top_k=0, top_p=1.0, correction_steps=0, correction_temperature=0.1, **opts):
-        """The mask_id positions of x (B, L) start as masks (the prior) and take `steps` (default L) steps of p(z_s | z_t)
-        down t_j = j/steps, one call each; then up to correction_steps calls of self-correction (top of the file).
+        """The mask_id positions of x (B, L) start as masks (the prior) and take `steps` (default L) steps of
+        p(z_s | z_t) down t_j = j/steps, one call each; then up to correction_steps calls of self-correction (top of
+        the file).
         Given tokens never change; cache is unused (a step may change any generated token). The float64 work goes a
         chunk of generated positions at a time. Returns (samples, network calls)."""
         if sampler != "ancestral":
@@ -231,7 +238,8 @@ class GIDD(nn.Module):
                 else:
                     x_hat = filter_logits(lg, temperature, top_k, top_p).softmax(-1)
                 n = len(lg)
-                probs = self.posterior(x_hat, z_gen[part], t.new_full((n,), (j - 1) / steps), t.new_full((n,), j / steps))
+                s_n, t_n = t.new_full((n,), (j - 1) / steps), t.new_full((n,), j / steps)
+                probs = self.posterior(x_hat, z_gen[part], s_n, t_n)
                 z_gen[part] = draw(probs.log(), u=u[part])
             del logits
             z[generate] = z_gen
