@@ -32,8 +32,10 @@ loss = metrics["bound"] = that integrand (+ prior).
 Evaluation (batch_bound), unbiased. absorb: substitute u = m(t); sbar' r = m'/m, so sbar' e dt = (e/r) du/u with
 e/r = sum_y p_y - log p_x0 - 1 (p = exp(out)/V): mdlm.py's any-order form, k ~ U{1..n} masked, u ~ Beta(k, n-k+1),
 (1/k) sum_masked e/r. With p normalised that is mdlm.py's NELBO (linear schedule) of the same network, exactly.
-uniform: t = u^2 (weight 2u), as duo.py. T = N: the N-step bound of sample(steps=N) (analytic predictor), rows stratified
-over the steps, weight N: sum_j E KL(q(x_s | x_t, x_0) || p(x_s | x_t)) + prior, t_j = j/N, s = t - 1/N.
+uniform: t = u^2 (weight 2u), as duo.py. T = N (absorb): the N-step bound of sample(steps=N) (analytic predictor), rows
+stratified over the steps, weight N: sum_j E KL(q(x_s | x_t, x_0) || p(x_s | x_t)), t_j = j/N, s = t - 1/N; +inf where a
+step of the network cannot unmask as the data need (sum_y p_y > t/(t - s)). The uniform graph has none (a ValueError):
+near t = 1 its steps of any inexact score have negative numbers where q has mass, so the bound would be +inf.
 
 Sampling. On t_j = j/N from 1 down to 0 (N network calls; default N = L): absorb starts from masks, uniform from uniformly
 random tokens at the mask_id positions. Each step from t to s draws every generated position independently from
@@ -220,6 +222,9 @@ class SEDD(nn.Module):
         dev = x0.device
         scored = torch.ones_like(x0, dtype=torch.bool) if clean is None else scored_positions(x0, clean, check=True)
         i = torch.arange(B, dtype=torch.float64, device=dev)
+        if T and not self.absorb:
+            raise ValueError("the uniform graph has no finite N-step bound: near t = 1 its analytic and Euler steps of "
+                             "any inexact score clamp away mass the data need; use the continuous bound (no --T)")
         if T:
             j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
             t, s = j / T, (j - 1) / T
