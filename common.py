@@ -447,13 +447,13 @@ def download_published(repo_id):
 def add_sampler_options(p):
     """The sampler options of model.sample (families.py, sampling.py) on an argparse parser."""
     p.add_argument("--sampler", default="ancestral",
-                   choices=["ancestral", "confidence", "remask", "greedy_tail", "threshold"],
+                   choices=["ancestral", "confidence", "remask", "greedy_tail", "threshold", "euler"],
                    help="ancestral: the model's exact sampler (default); confidence: MaskGIT/LLaDA-style decoding "
                         "in --steps calls, most confident positions first; remask: ReMDM, the --steps grid with "
                         "generated tokens masked again w.p. --eta (masked models); greedy_tail: the ancestral "
                         "sampler, then one more call whose argmax is the sample (Duo's; uniform-state); threshold: "
                         "Fast-dLLM-style, each call commits every draw of probability >= --threshold, at least one "
-                        "(masked models)")
+                        "(masked models); euler: SEDD's Euler predictor (its ancestral is their analytic one)")
     p.add_argument("--steps", type=int, default=None, help="ancestral: a coarse grid of N steps (approximate); "
                    "confidence: the number of network calls; remask: the grid's steps (block diffusion: per block)")
     p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (0: argmax)")

@@ -5,6 +5,8 @@ their Hugging Face ids, or a local copy of the repo, wherever they take a checkp
     kuleshov-group/mdlm-owt                       MDLM   (Sahoo et al. 2024)
     kuleshov-group/bd3lm-owt-block_size{4,8,16}   BD3LM  (Arriola et al. 2025)
     s-sahoo/duo, s-sahoo/duo-distilled            Duo    (Sahoo et al. 2025; the distilled one by DCD)
+    louaaron/sedd-small, louaaron/sedd-medium     SEDD   (Lou, Meng & Ermon 2024)
+    dvruette/gidd-{small,base}-p_unif-{0.0,0.1,0.2}   GIDD   (von Rutte et al. 2025)
 
 Each repo holds config.json and model.safetensors (or pytorch_model.bin): the state dict of a `backbone`, the
 DiT of MDLM's code base, which differs from nanoDD's (model.py) only in names and in its output layer, an
@@ -23,6 +25,17 @@ the sizes, the length ("model_length"), BD3-LM's block size and its clipped trai
 sampling_eps_min / max, which become t_min / t_max). MDLM and BD3-LM run without time conditioning (the
 network reads t = 0); Duo's network reads sigma = -log alpha_t (duo.py time_input="sigma"). Loading is
 strict: a missing, unexpected or misshapen tensor is a one-line error naming it.
+
+SEDD's repos hold their `SEDD` module itself: the same names without "backbone." (vocab_embed.embedding, sigma_map.,
+blocks., output_layer.), and as config.json their whole training config (no model_type): tokens (GPT-2's 50257; the
+absorbing graph adds the mask, last), graph.type, noise.type (sigma_min, sigma_max) and model (hidden_size, cond_dim,
+n_blocks, n_heads, dropout, length, scale_by_sigma). Their network reads sigma(t), as sedd.py's.
+
+GIDD's repos hold their Hugging Face DIT (gidd/models/modeling_dit.py), bare names too, plus its rotary tables
+rotary_emb.cos_cached / sin_cached (checked against ours, then dropped), and its DITConfig (model_type "dit"):
+vocab_size (GPT-2's 50257 tokens, then the [PAD] and [MASK] their tokenizer adds: the mask is the last id, [PAD] a token
+never in the data, as Duo's), hidden_size, timestep_cond_dim, num_hidden_layers, num_attention_heads, attention_dropout,
+max_seq_len, p_uniform and t_eps. Their network reads t itself, as gidd.py's.
 """
 import json
 import os
@@ -31,7 +44,9 @@ import torch
 
 from bd3lm import BD3LM
 from duo import Duo
+from gidd import GIDD
 from mdlm import MDLM
+from sedd import SEDD
 
 PUBLISHED = {  # Hugging Face id -> family; any repo with a config.json of these model types loads the same way
     "kuleshov-group/mdlm-owt": "MDLM",
@@ -40,6 +55,9 @@ PUBLISHED = {  # Hugging Face id -> family; any repo with a config.json of these
     "kuleshov-group/bd3lm-owt-block_size16": "BD3LM",
     "s-sahoo/duo": "Duo",
     "s-sahoo/duo-distilled": "Duo",
+    "louaaron/sedd-small": "SEDD",
+    "louaaron/sedd-medium": "SEDD",
+    **{f"dvruette/gidd-{size}-p_unif-{p}": "GIDD" for size in ("small", "base") for p in ("0.0", "0.1", "0.2")},
 }
 
 LAYOUT = [("backbone.vocab_embed.embedding", "net.vocab_embed.weight"),
@@ -131,17 +149,75 @@ def duo_args(config, state, source):
     return Duo, dict(vocab_size=V, **sizes(config, source), time_input="sigma")
 
 
-FAMILY_ARGS = {"mdlm": mdlm_args, "bd3lm": bd3lm_args, "duo": duo_args}  # config.json model_type (any case)
+def sedd_config(config, source):
+    """SEDD's nested training config as the flat settings the others have (their model/transformer.py reads these)."""
+    tokens, graph, noise, model = require(config, ("tokens", "graph", "noise", "model"), source)
+    if not all(isinstance(d, dict) for d in (graph, noise, model)):
+        raise ValueError(f"{source}: config.json's graph, noise and model must be objects")
+    (graph_type,), (noise_type,) = require(graph, ("type",), source), require(noise, ("type",), source)
+    n, c, blocks, heads, dropout, length = require(model, ("hidden_size", "cond_dim", "n_blocks", "n_heads", "dropout",
+                                                           "length"), source)
+    return dict(model_type="sedd", vocab_size=tokens, graph=graph_type, noise=noise_type,
+                sigma_min=noise.get("sigma_min", 1e-4), sigma_max=noise.get("sigma_max", 20.0),
+                scale_by_sigma=bool(model.get("scale_by_sigma", False)), hidden_dim=n, cond_dim=c, n_blocks=blocks,
+                n_heads=heads, dropout=dropout, model_length=length)
+
+
+def sedd_args(config, state, source):
+    if config["noise"] not in ("loglinear", "geometric"):
+        raise ValueError(f"{source}: noise type {config['noise']!r} is not supported (loglinear or geometric)")
+    if config["graph"] not in ("absorb", "uniform"):
+        raise ValueError(f"{source}: graph type {config['graph']!r} is not supported (absorb or uniform)")
+    return SEDD, dict(vocab_size=config["vocab_size"], **sizes(config, source), graph=config["graph"],
+                      noise=config["noise"], eps=1e-3, sigma_min=float(config["sigma_min"]),
+                      sigma_max=float(config["sigma_max"]), scale_by_sigma=config["scale_by_sigma"])
+
+
+def gidd_config(config, source):
+    """GIDD's DITConfig under the names the others use."""
+    names = ("hidden_size", "timestep_cond_dim", "num_hidden_layers", "num_attention_heads", "attention_dropout",
+             "max_seq_len")
+    ours = ("hidden_dim", "cond_dim", "n_blocks", "n_heads", "dropout", "model_length")
+    return dict(config, **dict(zip(ours, require(config, names, source))))
+
+
+def gidd_args(config, state, source):
+    V, p_uniform, t_eps = require(config, ("vocab_size", "p_uniform", "t_eps"), source)
+    for part in ("cos", "sin"):  # their Rotary's tables, (1, length, 3, 1, head_dim): q, k rotated, v not
+        table = state.pop(f"backbone.rotary_emb.{part}_cached", None)
+        if table is None:
+            continue
+        d = table.shape[-1]
+        angles = torch.outer(torch.arange(table.shape[1]).double(),
+                             1.0 / 10000 ** (torch.arange(0, d, 2).double() / d)).repeat(1, 2)
+        expected = (angles.cos() if part == "cos" else angles.sin())[None, :, None, None, :].repeat(1, 1, 3, 1, 1)
+        expected[:, :, 2] = 1.0 if part == "cos" else 0.0
+        if (table.shape != expected.shape or d * config["n_heads"] != config["hidden_dim"]
+                or not torch.allclose(table.double(), expected, atol=1e-2)):  # (bf16 files too)
+            raise ValueError(f"{source}: rotary_emb.{part}_cached differs from the rotary tables this repo computes")
+    return GIDD, dict(vocab_size=V - 1, **sizes(config, source), p_uniform=float(p_uniform), t_eps=float(t_eps))
+
+
+FAMILY_ARGS = {"mdlm": mdlm_args, "bd3lm": bd3lm_args, "duo": duo_args, "sedd": sedd_args,  # model_type (any case)
+               "dit": gidd_args}
+BARE = ("sedd", "dit")  # state dicts of the DiT itself: their keys are the LAYOUT's without "backbone."
 
 
 def convert(config, state, source):
     """(model, model_args, training_args) from a published config dict and state dict; ValueError (one line) if
     they do not fit: an unknown model type, a missing setting, or a missing, unexpected or misshapen tensor."""
     model_type = str(config.get("model_type", "")).lower()
+    if not model_type and {"tokens", "graph", "noise", "model"} <= set(config):  # SEDD's training config
+        config = sedd_config(config, source)
+        model_type = "sedd"
+    if model_type == "dit":  # GIDD's DITConfig
+        config = gidd_config(config, source)
     if model_type not in FAMILY_ARGS:
         raise ValueError(f"{source}: unknown model_type {config.get('model_type')!r} in config.json "
                          f"(known: {', '.join(FAMILY_ARGS)})")
-    state = dict(state)
+    bare = model_type in BARE
+    shown = (lambda key: key[len("backbone."):]) if bare else (lambda key: key)  # the file's own names, in messages
+    state = {("backbone." + k if bare else k): v for k, v in state.items()}
     cls, args = FAMILY_ARGS[model_type](config, state, source)
     try:
         model = cls(**args)
@@ -152,18 +228,18 @@ def convert(config, state, source):
     for key, value in state.items():
         name = our_name(key)
         if name not in ours or their_name(name) != key:  # e.g. backbone.output.weight is not a published name
-            raise ValueError(f"{source}: unexpected tensor {key} (not in the {cls.__name__} layout)")
+            raise ValueError(f"{source}: unexpected tensor {shown(key)} (not in the {cls.__name__} layout)")
         if tuple(value.shape) != tuple(ours[name].shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(ours[name].shape)} "
+            raise ValueError(f"{source}: {shown(key)} has shape {tuple(value.shape)}, expected {tuple(ours[name].shape)} "
                              f"from config.json")
         if name in OPTIONAL:  # a buffer we compute ourselves: it must agree (in the file's precision)
             if not torch.allclose(value.float(), ours[name].to(value.dtype).float(), rtol=1e-5, atol=0):
-                raise ValueError(f"{source}: {key} differs from the rotary frequencies this repo computes")
+                raise ValueError(f"{source}: {shown(key)} differs from the rotary frequencies this repo computes")
             continue
         loaded[name] = value.float()
     missing = [k for k in ours if k not in loaded and k not in OPTIONAL]
     if missing:
-        raise ValueError(f"{source}: missing tensor {their_name(missing[0])}"
+        raise ValueError(f"{source}: missing tensor {shown(their_name(missing[0]))}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     model.load_state_dict({**ours, **loaded}, strict=True)
     (length,) = require(config, ("model_length",), source)
