@@ -487,8 +487,10 @@ def test_clip_share_is_logged_against_the_norm_before_clipping(tiny_text8_shared
 
 
 def test_each_family_clips_as_its_paper():
-    """D3PM 0.1 (nanoDD), MDLM / BD3-LM / AR / Duo 1.0, GenMD4 1.0 (as the MDLM it is compared with), in every config."""
-    expected = {"D3PMAbsorbing": 0.1, "MDLM": 1.0, "BD3LM": 1.0, "AR": 1.0, "GenMD4": 1.0, "Duo": 1.0}
+    """D3PM 0.1 (nanoDD), MDLM / BD3-LM / AR / Duo / SEDD / GIDD 1.0, GenMD4 1.0 (as the MDLM it is compared with), in
+    every config."""
+    expected = {"D3PMAbsorbing": 0.1, "MDLM": 1.0, "BD3LM": 1.0, "AR": 1.0, "GenMD4": 1.0, "Duo": 1.0, "SEDD": 1.0,
+                "GIDD": 1.0}
     for name in configs.NAMES:
         cls, _, training_args = getattr(configs, name)()
         assert training_args.get("grad_clip") == expected[cls.__name__], name
