@@ -2,53 +2,52 @@
 Score entropy discrete diffusion (SEDD: Lou, Meng & Ermon 2024), in continuous time.
 
 Forward process. Each token runs its own Markov chain with rates sigma'(t) Q (Q(x, y): the rate from y into x), so
-q(x_t | x_0) = exp(sbar(t) Q)(., x_0), sbar(t) = sigma(t) - sigma(0) the noise since t = 0. Two graphs Q (model arg graph):
+q(x_t | x_0) = exp(sbar(t) Q)(., x_0), sbar(t) = sigma(t) - sigma(0) the noise since t = 0. The graph Q (model arg):
     absorb   ids 0..V-1 and the mask m = V: a token turns into m at rate 1 and stays there:
              q(x_t = x_0) = e^-sbar, q(x_t = m) = 1 - e^-sbar;
     uniform  ids 0..V-1: at rate 1 a token is replaced by a uniformly random one (possibly itself), Q = 11^T / V - I:
              q(x_t = y) = e^-sbar [y = x_0] + (1 - e^-sbar) / V.
-Two total noises (their noise_lib, model arg noise): loglinear sigma(t) = -log(1 - (1 - eps) t) (eps = 1e-3, so
-e^-sigma(1) = eps; sbar = sigma) and geometric sigma(t) = sigma_min^(1-t) sigma_max^t. The network reads sigma(t).
+The total noise (their noise_lib; model arg noise): loglinear sigma(t) = -log(1 - (1 - eps) t) (eps = 1e-3: e^-sigma(1)
+= eps; sbar = sigma), or geometric sigma(t) = sigma_min^(1-t) sigma_max^t. The network reads sigma(t).
 
 The concrete score. The DiT reads x_t and sigma and outputs s(x_t, t)^l_y ~ log p_t(x_t with y at l) / p_t(x_t) for
-each position l and state y; s at y = x_t^l is set to 0 (ratio 1: excluded from everything). scale_by_sigma (the
-absorbing graph, as their model): s = out - log(e^sbar - 1) - log V. The true absorbing score at a mask is
-r p(x_0^l = y | x_t) with r = 1 / (e^sbar - 1) (Ou et al. 2024), so exp(out) / V reads as p(x_0 | x_t).
+each position l and state y; s at y = x_t^l is set to 0 (ratio 1, used nowhere). scale_by_sigma (absorb, as their
+model): s = out - log(e^sbar - 1) - log V. At a mask the true score is r p(x_0^l = y | x_t), r = 1 / (e^sbar - 1)
+(Ou et al. 2024), so exp(out) / V reads as p(x_0 | x_t).
 
-Objective: denoising score entropy (their DWDSE), with r_y = q(x_t^l = y | x_0) / q(x_t^l | x_0) and K(a) = a (log a - 1):
-    -log p(x_0) <= int_0^1 sbar'(t) E_{x_t} sum_l e^l dt + prior,   e = sum_{y != x_t} Q(x_t, y) [e^s_y - r_y s_y + K(r_y)]
-    absorb (masked positions only; Q(m, y) = 1, r = 1 / (e^sbar - 1) at y = x_0, 0 elsewhere):
-        e = sum_{y<V} e^s_y - r s_x0 + K(r);
-    uniform (Q = 1/V; rho = (e^sbar - 1) / (e^sbar - 1 + V) is every r_y when x_t = x_0; otherwise r_x0 = 1/rho, the others 1):
-        e = mean_y e^s_y - e^s_xt / V - [x_t = x_0] rho (mean_y s_y - s_xt / V) - [x_t != x_0] (mean_y s_y - s_xt / V + s_x0 / (e^sbar - 1))
-            + [x_t = x_0] (V - 1) / V K(rho) + [x_t != x_0] (K(1/rho) - (V - 2)) / V.
-The prior. absorb: the sampler starts from all masks, so the bound's x_t is q's conditioned on being masked at t = 1:
-masked w.p. m(t) = (1 - e^-sbar(t)) / (1 - e^-sbar(1)) (loglinear: m = t exactly), with the same integrand (a reverse
-rate given x_0 does not depend on that conditioning) and no prior term; their training masks w.p. 1 - e^-sbar, whose
-bound with a mask start is infinite (x_1 stays clean w.p. eps). uniform: x_1 is nearly uniform, the sampler's start:
-prior = KL(q(x_1^l | x_0^l) || uniform) per position, exact. Training draws t in [t_eps, 1] (antithetic, as mdlm.py),
-loss = metrics["bound"] = that integrand (+ prior).
+Objective: denoising score entropy (their DWDSE); r_y = q(x_t^l = y | x_0) / q(x_t^l | x_0), K(a) = a (log a - 1):
+    -log p(x_0) <= int_0^1 sbar'(t) E sum_l e^l dt + prior, e = sum_{y != x_t} Q(x_t, y) [e^s_y - r_y s_y + K(r_y)]
+    absorb (masked positions only; Q(m, y) = 1; r_y = r at y = x_0, else 0):  e = sum_{y<V} e^s_y - r s_x0 + K(r);
+    uniform (Q = 1/V; x_t = x_0: every r_y = rho = (e^sbar - 1) / (e^sbar - 1 + V); else r_x0 = 1/rho, the others 1):
+        e = mean_y e^s_y - e^s_xt / V - [x_t = x_0] rho (mean_y s_y - s_xt / V) + [x_t = x_0] (V - 1) / V K(rho)
+            - [x_t != x_0] (mean_y s_y - s_xt / V + s_x0 / (e^sbar - 1)) + [x_t != x_0] (K(1/rho) - (V - 2)) / V.
+The ends. absorb: the sampler starts from all masks, so the bound's x_t is q's conditioned on being masked at t = 1:
+masked w.p. m(t) = (1 - e^-sbar(t)) / (1 - e^-sbar(1)) (loglinear: m = t), with the same integrand (a reverse rate
+given x_0 does not depend on that conditioning) and no prior term. Their training masks w.p. 1 - e^-sbar: a bound with
+a mask start would be infinite (x_1 stays clean w.p. eps). uniform: the prior KL(q(x_1^l | x_0^l) || 1/V) per
+position, exact. At t = 0 the data are clean (sbar(0) = 0; their geometric noise starts at sigma_min, and their model
+scales by sigma: ours by sbar, 1e-4 less). Training draws t in [t_eps, 1] (antithetic, as mdlm.py): loss =
+metrics["bound"] = sbar'(t) e, + prior, per scored position.
 
-Evaluation (batch_bound), unbiased. absorb: substitute u = m(t); sbar' r = m'/m, so sbar' e dt = (e/r) du/u with
+Evaluation (batch_bound), unbiased. absorb: with u = m(t), sbar' r = m'/m, so sbar' e dt = (e/r) du/u where
 e/r = sum_y p_y - log p_x0 - 1 (p = exp(out)/V): mdlm.py's any-order form, k ~ U{1..n} masked, u ~ Beta(k, n-k+1),
-(1/k) sum_masked e/r. With p normalised that is mdlm.py's NELBO (linear schedule) of the same network, exactly.
-uniform: t = u^2 (weight 2u), as duo.py. T = N (absorb): the N-step bound of sample(steps=N) (analytic predictor), rows
-stratified over the steps, weight N: sum_j E KL(q(x_s | x_t, x_0) || p(x_s | x_t)), t_j = j/N, s = t - 1/N; +inf where a
-step of the network cannot unmask as the data need (sum_y p_y > t/(t - s)). The uniform graph has none (a ValueError):
-near t = 1 its steps of any inexact score have negative numbers where q has mass, so the bound would be +inf.
+(1/k) sum_masked e/r; with p normalised, mdlm.py's NELBO (linear schedule) of the same network. uniform: t = u^2
+(weight 2u), as duo.py. T = N (absorb): the N-step bound of sample(steps=N) (analytic predictor), rows stratified over
+the steps, weight N: sum_j E KL(q(x_s | x_t, x_0) || p(x_s | x_t)), t_j = j/N, s = t - 1/N; +inf where the network's
+step cannot leave a position masked as the data need (loglinear: sum_y p_y > t / (t - s)). The uniform graph has no
+N-step bound (a ValueError): near t = 1 its steps of any inexact score have negative numbers where q has mass (+inf).
 
-Sampling. On t_j = j/N from 1 down to 0 (N network calls; default N = L): absorb starts from masks, uniform from uniformly
-random tokens at the mask_id positions. Each step from t to s draws every generated position independently from
-    analytic (sampler="ancestral", their default "analytic": Tweedie tau-leaping), D = sbar(t) - sbar(s):
-        p(x_s = y) = [exp(-D Q) e^s]_y exp(D Q)(x_t, y)
-        absorb: (e^D - 1) e^s_y for y < V, the rest stays m;  uniform: [(e^-D - 1) / (V e^-D) sum e^s + e^s / e^-D] x
-        [(1 - e^-D) / V + e^-D [y = x_t]];
-    euler (sampler="euler"): p(x_s = y) = (t - s) sigma'(t) Q(x_t, y) e^s_y for y != x_t, the rest stays x_t.
-The last step (s = 0) is their denoiser, the analytic step to sbar = 0, the mask excluded (absorb). A step's
-numbers are clamped at 0 and normalised (what their Gumbel-argmax draw does with a negative entry). Their grid
-linspace(1, 1e-5, N + 1) plus the denoiser is, up to 1e-5, this one with one more call; ours ends at 0 so that the
-N-step bound is this sampler's (theirs would be infinite whenever the step to 1e-5 unmasks more than it can).
-Other samplers (confidence, remask...) and temperature / top_k / top_p are ValueErrors.
+Sampling. On t_j = j/N from 1 down to 0 (N network calls; default N = L): absorb starts from masks, uniform from
+uniformly random tokens at the mask_id positions. Each step from t to s draws each generated position independently:
+    sampler="ancestral": their "analytic" predictor (Tweedie tau-leaping, their run_sample.py's), D = sbar(t) - sbar(s):
+        p(x_s = y) = [exp(-D Q) e^s]_y exp(D Q)(x_t, y):  absorb: (e^D - 1) e^s_y for y < V, the rest stays m;
+        uniform: [(e^-D - 1) / (V e^-D) sum_z e^s_z + e^s_y / e^-D] [(1 - e^-D) / V + e^-D [y = x_t]];
+    sampler="euler": their Euler predictor, p(x_s = y) = (t - s) sigma'(t) Q(x_t, y) e^s_y for y != x_t, else x_t.
+The last step (s = 0) is their denoiser: the analytic step to sbar = 0, the mask excluded (absorb). A step's numbers
+are clamped at 0 and normalised (what their Gumbel-argmax draw does with a negative entry). Their grid
+linspace(1, 1e-5, N + 1), then the denoiser, is, up to 1e-5, this one with one more call; ours ends at 0 so that the
+N-step bound is this sampler's (theirs would be +inf whenever the step to 1e-5 unmasks more than it can). Other
+samplers (confidence, remask...) and temperature / top_k / top_p are ValueErrors.
 
 Conditional (families.py's clean mask C, the prompt; U = the other positions, n = |U| >= 1 per row): C is never
 noised (x_t^C = x_0^C, the network sees it) and never scored; the process factorises over positions, so
@@ -96,10 +95,11 @@ class SEDD(nn.Module):
         self.sigma_min, self.sigma_max, self.scale_by_sigma = sigma_min, sigma_max, scale_by_sigma
         self.antithetic, self.t_eps = antithetic, t_eps
         self.n_states = vocab_size + self.absorb
+        self.sbar_1 = -math.log(eps) if noise == "loglinear" else sigma_max - sigma_min  # sbar(1), a float
         self.net = DiT(self.n_states, n_embed, n_heads, n_blocks, n_cond, dropout, tied_output=tied_output)
 
     def null_prompt(self, x0, clean, generator=None):
-        """families.py: no prompt is the mask (absorb) or uniformly random tokens (uniform, whose DiT has no mask row)."""
+        """No prompt is the mask (absorb) or uniformly random tokens (uniform: its DiT has no mask row)."""
         if self.absorb:
             return torch.where(clean, torch.full_like(x0, self.mask_id), x0)
         noise = torch.randint(0, self.vocab_size, x0.shape, device=x0.device, generator=generator)
@@ -128,13 +128,13 @@ class SEDD(nn.Module):
         return self.sigma(t) * math.log(self.sigma_max / self.sigma_min)
 
     def hit(self, t):
-        """P(x_t^l is noise): absorb masked w.p. m(t) (conditioned on masked at t = 1), uniform replaced w.p. 1 - e^-sbar."""
+        """P(x_t^l is noise): absorb masked, m(t) (conditioned on masked at t = 1); uniform replaced, 1 - e^-sbar."""
         p = -torch.expm1(-self.sbar(t))
-        return p / -math.expm1(-float(self.sbar(1.0))) if self.absorb else p
+        return p / -math.expm1(-self.sbar_1) if self.absorb else p
 
     def time_of_mask_share(self, u):
         """absorb: the t with m(t) = u."""
-        sbar = -torch.log1p(u * math.expm1(-float(self.sbar(1.0))))
+        sbar = -torch.log1p(u * math.expm1(-self.sbar_1))
         if self.noise == "loglinear":
             return -torch.expm1(-sbar) / (1 - self.eps)
         return torch.log1p(sbar / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
@@ -143,9 +143,9 @@ class SEDD(nn.Module):
         """uniform: KL(q(x_1^l | x_0^l) || uniform) per position (nats, a float); absorb: 0."""
         if self.absorb:
             return 0.0
-        V, a = self.vocab_size, math.exp(-float(self.sbar(1.0)))
-        same, other = torch.tensor([a + (1 - a) / V, (1 - a) / V], dtype=torch.float64)
-        return float(same * torch.log(V * same) + (V - 1) * torch.xlogy(other, V * other))
+        V, a = self.vocab_size, math.exp(-self.sbar_1)
+        same, other = a + (1 - a) / V, (1 - a) / V
+        return same * math.log(V * same) + (V - 1) * other * math.log(V * other)
 
     # ---- the network and the score entropy ----------------------------------------------------------------------
     def log_score(self, x_t, t, dtype=torch.float32):
@@ -198,7 +198,7 @@ class SEDD(nn.Module):
         return self.t_eps + (1 - self.t_eps) * r
 
     def forward(self, x0, t=None, clean=None):
-        """x0: (B, L); t: (B,) (draw_times if None); clean: (B, L) bool, the prompt, or None. loss = bound = a one-sample
+        """x0: (B, L); t: (B,) (draw_times if None); clean: (B, L) bool, the prompt, or None. loss = bound = one-sample
         estimate of the bound per scored token on [t_eps, 1]: sigma'(t) e + prior, the mean over positions (clean:
         over each row's scored positions, then over rows). Returns (log score, loss, metrics: bound, bpt)."""
         if t is None:

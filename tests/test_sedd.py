@@ -5,11 +5,11 @@ enumerated:
     the chain      Q as a matrix (Q[x, y]: the rate from y into x), transitions exp(D Q) by torch.linalg.matrix_exp;
     a step         the analytic step p(x_s = y | x_t = x) = [exp(-D Q) ratio_x]_y exp(D Q)[x, y] and the Euler step
                    1 + (t - s) sigma' Q[x, y] ratio_y, clamped and normalised (the mask dropped at s = 0);
-    the N-step bound     sum over steps and over x_t of q(x_t | x_0) KL(q(x_s | x_t, x_0) || step), q's posterior by Bayes
+    the N-step bound     sum over steps and x_t of q(x_t | x_0) KL(q(x_s | x_t, x_0) || step), q's posterior by Bayes
                    on the matrices, x_t of the bound's process (absorb: masked by t = 1; uniform: sbar), plus the
                    uniform prior KL(exp(sbar(1) Q)[:, x_0] || 1/V);
-    the continuous bound the path KL int sum_{y != x} [R - Rq + Rq log(Rq / R)] dt by Gauss-Legendre quadrature, with the
-                   model's reverse rate R = sigma' Q[x, y] ratio_y and the bound process's own Rq = b'(t) Q[x, y]
+    the continuous bound the path KL int sum_{y != x} [R - Rq + Rq log(Rq / R)] dt by Gauss-Legendre quadrature, with
+                   the model's reverse rate R = sigma' Q[x, y] ratio_y and the bound process's own Rq = b'(t) Q[x, y]
                    q(y | x_0) / q(x | x_0) (b' by finite differences): nothing of sedd.py's closed forms; the N-step
                    bound extrapolated in N lands on it;
     the samplers   the exact law of the N-step chain, propagated over all states, against 4000 samples (chi-square).
@@ -301,8 +301,8 @@ def test_conditional_bound(graph, T):
     model.log_score = lambda x_t, tt, *a: seen.append(x_t) or log_score(x_t, tt, *a)
     mean, se = mc(model, T=T, clean=torch.tensor([[True, False]]), **(dict(n=500, B=512) if graph == "uniform" else {}))
     assert all((x[:, 0] == X0[0, 0]).all() for x in seen)
-    assert_unbiased(mean, se, exact(clean=(0,)), {"unconditional": exact(), "prompt noised": exact(clean=(0,), hold=False)},
-                    f"{graph} conditional bound (T={T})")
+    wrong = {"unconditional": exact(), "prompt noised": exact(clean=(0,), hold=False)}
+    assert_unbiased(mean, se, exact(clean=(0,)), wrong, f"{graph} conditional bound (T={T})")
 
 
 @pytest.mark.parametrize("graph", ["absorb", "uniform"])
@@ -369,7 +369,7 @@ def test_ou_identity_absorbing_score_is_the_clean_conditional():
 @pytest.mark.parametrize("noise", ["loglinear", "geometric"])
 def test_noise_and_prior(graph, noise):
     """The noise against their formulas (geometric with sigma_max = 1, so that a fifth of the tokens is clean at t = 1):
-    sbar = sigma - sigma(0), sigma' by finite differences, the bound's hit probability (absorb: masked by t = 1 for sure,
+    sbar = sigma - sigma(0), sigma' by finite differences, the bound's hit probability (absorb: masked by t = 1,
     1 - e^-sbar rescaled; uniform: 1 - e^-sbar), time_of_mask_share its inverse, and the uniform prior
     KL(exp(sbar(1) Q)[:, x_0] || 1/V) built from the matrix (absorb: 0)."""
     model = SEDD(V, 8, 2, 1, 8, 0.0, graph=graph, noise=noise, sigma_max=1.0, scale_by_sigma=graph == "absorb")
@@ -392,10 +392,31 @@ def test_noise_and_prior(graph, noise):
                                                                              or graph == "absorb")
 
 
+def test_compiled_training_step_equals_eager():
+    """torch.compile as a GPU run uses it (aot_eager on CPU, as tests/test_compile.py), fullgraph: the training step of
+    sedd_tiny traces as one graph and gives the eager loss and gradients (the uniform graph's: checked by hand)."""
+    import configs
+    from conftest import randomize_weights
+    from test_compile import step
+    torch._dynamo.reset()
+    cls, args, _ = configs.sedd_tiny()
+    torch.manual_seed(0)
+    model = randomize_weights(cls(**dict(args, dropout=0.0)), 1).train()
+    x = torch.randint(0, 27, (4, 32), generator=torch.Generator().manual_seed(5))
+    eager_loss, eager_grads = step(model, x, seed=11)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss, grads = step(model, x, seed=11, run=compiled)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(step(model, x.roll(1, dims=1), seed=12)[0], eager_loss)
+
+
 # ---- the samplers ----------------------------------------------------------------------------------------------------
 def chain_law(model, graph, N, predictor, prompt, hide_prompt=False):
     """{final state: probability} of the N-step chain from the start (absorb: masks; uniform: uniform tokens), the
-    prompt (a token for position 0, or None) held; hide_prompt: the network sees a mask there instead (a wrong chain)."""
+    prompt (a token for position 0, or None) held; hide_prompt: the network sees a mask there (a wrong chain)."""
     S = states(graph)
     K = V + (graph == "absorb")
     index = {tuple(s.tolist()): i for i, s in enumerate(S)}
@@ -440,8 +461,11 @@ def test_samplers_match_the_exact_chain(graph, predictor, prompt):
     exact = chain_law(model, graph, N, predictor, prompt)
     assert chisquare_pvalue(out, exact) > 1e-3
     other = "euler" if predictor == "analytic" else "analytic"
-    wrongs = [chain_law(model, graph, N, predictor, prompt, hide_prompt=True)] if prompt is not None else \
-        [chain_law(model, graph, 1, predictor, prompt)] + ([chain_law(model, graph, N, other, prompt)] if graph == "uniform" else [])
+    if prompt is not None:
+        wrongs = [chain_law(model, graph, N, predictor, prompt, hide_prompt=True)]
+    else:
+        wrongs = [chain_law(model, graph, 1, predictor, prompt)]
+        wrongs += [chain_law(model, graph, N, other, prompt)] if graph == "uniform" else []
     for wrong in wrongs:
         assert chisquare_pvalue(out, {k: max(v, 1e-12) for k, v in wrong.items()}) < 1e-6
 

@@ -81,8 +81,8 @@ def reference_log_score(W, x, sigma, scale_by_sigma, mutation=None):
         h = h + gate2 * (m @ W[b + "mlp.2.weight"].T + W[b + "mlp.2.bias"])
     shift, scale = (c @ W["output_layer.adaLN_modulation.weight"].T
                     + W["output_layer.adaLN_modulation.bias"])[:, None].chunk(2, dim=2)
-    out = (layer_norm(h, W["output_layer.norm_final.weight"]) * (1 + scale) + shift) @ W["output_layer.linear.weight"].T \
-        + W["output_layer.linear.bias"]
+    out = layer_norm(h, W["output_layer.norm_final.weight"]) * (1 + scale) + shift
+    out = out @ W["output_layer.linear.weight"].T + W["output_layer.linear.bias"]
     if scale_by_sigma and mutation != "no_scale":
         esigm1 = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).double()
         out = out - esigm1.log()[:, None, None] - math.log(out.shape[-1] - (mutation != "log_K"))
@@ -121,10 +121,13 @@ def one_line(excinfo, *words):
 
 
 FAULTS = {
-    "missing": (lambda s, c: ({k: v for k, v in s.items() if k != "blocks.1.mlp.2.bias"}, c), "missing tensor blocks.1.mlp.2.bias"),
-    "unexpected": (lambda s, c: ({**s, "blocks.0.attn_qkv.bias": torch.zeros(3 * HID)}, c), "unexpected tensor blocks.0.attn_qkv.bias"),
+    "missing": (lambda s, c: ({k: v for k, v in s.items() if k != "blocks.1.mlp.2.bias"}, c),
+                "missing tensor blocks.1.mlp.2.bias"),
+    "unexpected": (lambda s, c: ({**s, "blocks.0.attn_qkv.bias": torch.zeros(3 * HID)}, c),
+                   "unexpected tensor blocks.0.attn_qkv.bias"),
     "prefixed": (lambda s, c: ({"backbone." + k: v for k, v in s.items()}, c), "unexpected tensor backbone."),
-    "shape": (lambda s, c: ({**s, "output_layer.linear.bias": torch.zeros(TOKENS)}, c), "output_layer.linear.bias has shape"),
+    "shape": (lambda s, c: ({**s, "output_layer.linear.bias": torch.zeros(TOKENS)}, c),
+              "output_layer.linear.bias has shape"),
     "graph": (lambda s, c: (s, {**c, "graph": {"type": "star"}}), "star"),
     "noise": (lambda s, c: (s, {**c, "noise": {"type": "cosine"}}), "cosine"),
     "no_hidden_size": (lambda s, c: (s, {**c, "model": {k: v for k, v in c["model"].items() if k != "hidden_size"}}),
@@ -153,14 +156,14 @@ def test_published_ids_and_scripts(tmp_path):
     data = write_char_dataset(tmp_path / "data", TOKENS, seed=5)
     with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
         for sampler in ("ancestral", "euler"):
-            call_main(sample, [ckpt, "--device", "cpu", "--batch_size", "2", "--steps", "4", "--data_dir", data, "--json",
-                               "--seed", "3", "--sampler", sampler])
+            call_main(sample, [ckpt, "--device", "cpu", "--batch_size", "2", "--steps", "4", "--data_dir", data,
+                               "--json", "--seed", "3", "--sampler", sampler])
     import json
     for line in out.getvalue().strip().splitlines()[-2:]:
         ids = json.loads(line)["ids"]
         assert len(ids) == 2 and all(len(row) == L and all(0 <= i < TOKENS for i in row) for row in ids)
     for T in ([], ["--T", "4"]):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            res = call_main(evaluate, [ckpt, "--device", "cpu", "--data_dir", data, "--max_batches", "2", "--batch_size",
-                                       "4", "--seq_len", str(L), "--json", *T])
+            res = call_main(evaluate, [ckpt, "--device", "cpu", "--data_dir", data, "--max_batches", "2",
+                                       "--batch_size", "4", "--seq_len", str(L), "--json", *T])
         assert res["model"] == "SEDD" and math.isfinite(res["bpt"]) and res["bpt"] > 0, res
