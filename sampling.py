@@ -377,9 +377,10 @@ def null_prompt_input(model, clean, generator=None):
 def guided(model, w, clean, generator=None):
     """Classifier-free guidance (Ho & Salimans 2022; discrete: Nisonoff et al. 2024, Schiff et al. 2025). Context
     manager: within, each call of model.net is two, on its input (c: the prompt) and on nulled_input (no prompt), and
-    returns per position log p(x | c) + w (log p(x | c) - log p(x)) (both log-softmaxed, float32), which the sampler
-    reads as logits: p_w(x | c) proportional to p(x | c)^(1 + w) / p(x)^w. w = 0: nothing changes (one call, the
-    network's own logits). A call with a KV cache (ar.py, bd3lm.py with cache=True) is a ValueError: the two passes
+    returns the outputs mixed per position, out_c + w (out_c - out_u) (float32). A family that reads them as logits
+    gets log p(x | c) + w (log p(x | c) - log p(x)) up to a constant per position, which its softmax removes:
+    p_w(x | c) proportional to p(x | c)^(1 + w) / p(x)^w. SEDD reads them as log scores (log rate ratios): the mix is
+    the guided rates R_c^(1 + w) / R_u^w (Nisonoff et al.). w = 0: nothing changes (one call, the network's own output). A call with a KV cache (ar.py, bd3lm.py with cache=True) is a ValueError: the two passes
     would mix their keys in it. clean (B, L) bool: the prompt positions of the rows. Yields the passes per call
     (2; 1 for w = 0)."""
     if not w:
@@ -390,9 +391,9 @@ def guided(model, w, clean, generator=None):
             if kwargs.get("cache") is not None:
                 raise ValueError("--guidance calls the network twice per step and cannot share a KV cache between "
                                  "the two passes: add --no_kv_cache")
-            cond = forward(x, t, *args, **kwargs).float().log_softmax(-1)
+            cond = forward(x, t, *args, **kwargs).float()
             uncond = forward(nulled_input(model, x, clean, kwargs.get("positions"), generator), t, *args,
-                             **kwargs).float().log_softmax(-1)
+                             **kwargs).float()
             return cond + w * (cond - uncond)
         return guided_forward
     return wrapped_forward(model.net, make, 2)
