@@ -307,8 +307,8 @@ def gidd_tiny():
 TASK_BUDGETS_CPU = {  # about an hour of one core each (RESULTS.md: conditional generation)
     "path_star": dict(batch_size=32, max_iters=12_000),
     "sudoku": dict(batch_size=32, max_iters=6_000),
-    "countdown": dict(batch_size=64, max_iters=10_000),
-    "addition": dict(batch_size=64, max_iters=10_000),
+    "countdown": dict(batch_size=64, max_iters=6_000),
+    "addition": dict(batch_size=64, max_iters=4_000),
 }
 TASK_BUDGET_GPU = dict(batch_size=256, max_iters=50_000, warmup_iters=1000, eval_interval=2000, ckpt_interval=2000)
 
