@@ -6,6 +6,7 @@ writing and opening checkpoints (families.py reads them).
 import contextlib
 import gc
 import io
+import inspect
 import os
 import pickle
 import socket
@@ -497,7 +498,6 @@ def sampler_options(args):
 
 def refuse_unsupported(model, opts):
     """opts, after a one-line UserError if they ask model.sample for self-correction and it has none (GIDD has)."""
-    import inspect
     if opts.get("correction_steps") and "correction_steps" not in inspect.signature(model.sample).parameters:
         raise UserError(f"--correction_steps: {type(model).__name__} has no self-correction step (GIDD has)")
     return opts

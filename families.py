@@ -37,8 +37,10 @@ arguments (its `model_args`, stored in every checkpoint), with:
                       after each network call; cache=False: the same samples without the family's
                       shortcut (for comparison); sampler "ancestral", "confidence", "remask" or "greedy_tail" and opts
                       temperature, top_k, top_p, score, schedule, eta (sampling.py); "threshold" (opt threshold)
-                      picks its own number of calls and ignores steps. What a family cannot
-                      do (an option, infilling) is a ValueError, which the scripts print as one line.
+                      picks its own number of calls and ignores steps; "euler" (SEDD's Euler predictor); opts
+                      correction_steps, correction_temperature (GIDD's self-correction after sampling, its calls
+                      counted: the scripts pass them only to a sample() that names them, common.refuse_unsupported).
+                      What a family cannot do (an option, infilling) is a ValueError, which the scripts print as one line.
 Optionally:
     check_length(L)   raise ValueError when windows of L tokens do not fit the model (block diffusion)
     distill_loss(teacher, x0, steps) -> loss, and distill_defaults = (method name, teacher steps, rounds)
