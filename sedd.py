@@ -59,7 +59,7 @@ import math
 import torch
 import torch.nn as nn
 
-from mdlm import beta_sample
+from mdlm import MDLM, beta_sample
 from model import DiT, row_mean, scored_positions
 from sampling import draw, row_chunks
 
@@ -188,14 +188,7 @@ class SEDD(nn.Module):
         return torch.where(noised, noise, x0)
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def draw_times(self, B, device, generator=None):
-        """t in [t_eps, 1]: antithetic (u + i/B) mod 1 with one u per batch, or i.i.d. uniform."""
-        if self.antithetic:
-            u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
-            r = (u + torch.arange(B, dtype=torch.float64, device=device) / B) % 1
-        else:
-            r = torch.rand(B, dtype=torch.float64, device=device, generator=generator)
-        return self.t_eps + (1 - self.t_eps) * r
+    draw_times = MDLM.draw_times  # t in [t_eps, 1]: antithetic (u + i/B) mod 1 with one u per batch, or i.i.d.
 
     def forward(self, x0, t=None, clean=None):
         """x0: (B, L); t: (B,) (draw_times if None); clean: (B, L) bool, the prompt, or None. loss = bound = one-sample
