@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from model import DiT, row_mean, scored_positions
-from sampling import CHUNK_ELEMENTS, draw, filter_logits
+from sampling import CHUNK_ELEMENTS, draw, filter_logits, step_grid
 
 
 # ---- the math, as functions of tensors ---------------------------------------------------------------------
@@ -304,8 +304,7 @@ class Duo(nn.Module):
         dev = x0.device
         i = torch.arange(B, dtype=torch.float64, device=dev)
         if T:
-            j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
-            t, s = j / T, (j - 1) / T
+            t, s = step_grid(B, offset, T, i.device)
             z_t = self.q_sample(x0, t, generator, clean)
             x_theta = self.logits(z_t, t).double().softmax(-1)
             a_t, a_s = self.alpha(t)[:, None, None], self.alpha(s)[:, None, None]

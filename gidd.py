@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from model import DiT, row_mean, scored_positions
-from sampling import draw, drawn_probability, filter_logits, row_chunks
+from sampling import draw, drawn_probability, filter_logits, row_chunks, step_grid
 
 CORRECTION_T, PATIENCE = 0.01, 32  # GIDD's self-correction time t0 and early-stopping patience (self_correction.yaml)
 
@@ -186,8 +186,7 @@ class GIDD(nn.Module):
         dev = x0.device
         i = torch.arange(B, dtype=torch.float64, device=dev)
         if T:
-            j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
-            t, s = j / T, (j - 1) / T
+            t, s = step_grid(B, offset, T, i.device)
             z_t = self.q_sample(x0, t, generator, clean)
             logits = self.logits(z_t, t)
             kl = torch.empty((B, L), dtype=torch.float64, device=dev)

@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 
 from model import CrossEntropy, DiT
-from sampling import confidence_decode, draw, remask_decode, sdtt_loss, threshold_decode, unmask_at_event_times
+from sampling import (confidence_decode, draw, remask_decode, sdtt_loss, step_grid, threshold_decode,
+                      unmask_at_event_times)
 
 
 class MDLM(nn.Module):
@@ -166,8 +167,7 @@ class MDLM(nn.Module):
         i = torch.arange(B, dtype=torch.float64, device=dev)
         n = torch.full((B,), float(L), dtype=torch.float64, device=dev) if clean is None else scored(clean, True)
         if T:
-            j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
-            t, s = j / T, (j - 1) / T
+            t, s = step_grid(B, offset, T, i.device)
             x_t = hold(self.q_sample(x0, t, generator), x0, clean)
             w = (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t))
             ce = self.masked_ce(self.logits(x_t, t), x0, x_t).double().sum(1)

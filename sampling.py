@@ -305,6 +305,14 @@ def answer_prompts(sample_fn, prompts, seq_len, mask_id, eoa_id, batch_size, pro
     return answers
 
 
+def step_grid(B, offset, T, device):
+    """The N-step bounds' rows (batch_bound with T = N): row i of B at step j_i = 1 + floor((i + offset) T / B) of the
+    grid t_j = j / T, stratified by offset in [0, 1). Returns (t, s = t - 1/T), float64 (B,)."""
+    i = torch.arange(B, dtype=torch.float64, device=device)
+    j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
+    return j / T, (j - 1) / T
+
+
 # ---- no prompt, and classifier-free guidance (families.py: null_prompt) -----------------------------------------
 def null_prompt(model, x0, clean, generator=None):
     """x0 (B, L) ids with the clean positions replaced by the family's no-prompt input: its null_prompt(x0, clean,

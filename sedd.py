@@ -61,7 +61,7 @@ import torch.nn as nn
 
 from mdlm import MDLM, beta_sample
 from model import DiT, row_mean, scored_positions
-from sampling import draw, row_chunks
+from sampling import draw, row_chunks, step_grid
 
 PREDICTORS = {"ancestral": "analytic", "euler": "euler"}  # sample()'s sampler -> the predictor of their code
 
@@ -219,8 +219,7 @@ class SEDD(nn.Module):
             raise ValueError("the uniform graph has no finite N-step bound: near t = 1 its analytic and Euler steps of "
                              "any inexact score clamp away mass the data need; use the continuous bound (no --T)")
         if T:
-            j = (1 + torch.floor((i + offset) / B * T)).clamp(max=T)
-            t, s = j / T, (j - 1) / T
+            t, s = step_grid(B, offset, T, i.device)
             x_t = self.q_sample(x0, t, generator, clean)
             p = self.step_probs(self.log_score(x_t, t, torch.float64), x_t, t[:, None], s[:, None], "analytic")
             q = self.posterior(x0, x_t, t[:, None], s[:, None])
