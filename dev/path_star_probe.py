@@ -36,19 +36,26 @@ def probe(model, rows, start, arm_length):
     A causal model (one with shifted_logits) gets only from_start, teacher-forced on the whole row."""
     causal = hasattr(model, "shifted_logits")
     b = torch.arange(len(rows))
+    if causal:  # teacher-forced: one call serves every k
+        with torch.no_grad():
+            logits = model.shifted_logits(rows)
+        return {"from_start": [right(logits, rows, b, start + 2 * k) for k in range(1, arm_length)]}
     out = {}
     for name, masked in PROBES.items():
-        if causal and name != "from_start":
-            continue
         out[name] = []
         for k in range(1, arm_length):
             x = rows.clone()
             for j in masked(k, arm_length):
                 x[b, start + 2 * j] = model.mask_id
             with torch.no_grad():
-                logits = model.shifted_logits(rows) if causal else model.logits(x, torch.full((len(rows),), 0.5))
-            out[name].append((logits[b, start + 2 * k].argmax(-1) == rows[b, start + 2 * k]).float().mean().item())
+                logits = model.logits(x, torch.full((len(rows),), 0.5))
+            out[name].append(right(logits, rows, b, start + 2 * k))
     return out
+
+
+def right(logits, rows, b, position):
+    """The share of rows whose most likely token at position (B,) is the true one."""
+    return (logits[b, position].argmax(-1) == rows[b, position]).float().mean().item()
 
 
 def main():
