@@ -1,5 +1,6 @@
-"""dev/path_star_probe.py and dev/recall_control.py: the probe masks the nodes it says it masks (checked with a
-model that really walks the graph), and the recall control's pairs answer their prompts."""
+"""dev/path_star_probe.py, dev/recall_control.py and dev/sudoku_cells.py: the probe masks the nodes it says it masks
+(checked with a model that really walks the graph), the recall control's pairs answer their prompts, and the Sudoku
+cell shares count exactly the cells changed by hand."""
 import importlib.util
 import json
 
@@ -74,3 +75,21 @@ def test_recall_control_pairs_answer_their_prompts(tmp_path):
             labels = list(pairs) + list(pairs.values())
             assert len(pairs) == 8 and len(set(labels)) == 16
             assert pairs[query] == row["answer"]
+
+
+def test_sudoku_cells_counts_what_was_changed():
+    cells = load_dev("sudoku_cells")
+    (prompt, solution), = tasks.generate("sudoku", 1, seed=3)
+    blanks = [i for i, c in enumerate(prompt) if c == "0"]
+    givens = [i for i, c in enumerate(prompt) if c != "0"]
+    wrong = list(solution)
+    for i in blanks[:5] + givens[:2]:  # 5 blank cells and 2 givens changed to another digit
+        wrong[i] = "1" if solution[i] != "1" else "2"
+    rows = [dict(prompt=prompt, answer=solution, reference=solution, correct=True),
+            dict(prompt=prompt, answer="".join(wrong), reference=solution, correct=False),
+            dict(prompt=prompt, answer=solution[:40], reference=solution, correct=False)]  # cut short
+    solved, blank_right, copied = cells.cell_shares(rows)
+    late_blanks, late_givens = sum(i >= 40 for i in blanks), sum(i >= 40 for i in givens)
+    assert solved == 1 / 3
+    assert blank_right == (3 * len(blanks) - 5 - late_blanks) / (3 * len(blanks))
+    assert copied == (3 * len(givens) - 2 - late_givens) / (3 * len(givens))
