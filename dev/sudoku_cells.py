@@ -26,6 +26,9 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
     for path in sys.argv[1:]:
-        with open(path) as f:
-            solved, blank_right, copied = cell_shares([json.loads(line) for line in f if line.strip()])
+        try:
+            with open(path) as f:
+                solved, blank_right, copied = cell_shares([json.loads(line) for line in f if line.strip()])
+        except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
+            sys.exit(f"{path}: not an answers file of evaluate.py --accuracy --out on Sudoku ({type(e).__name__}: {e})")
         print(f"{path}: solved {solved:.1%}, blank cells right {blank_right:.1%}, givens copied {copied:.1%}")
