@@ -13,7 +13,7 @@ def cell_shares(rows):
     """-> (solved, blank cells right, givens copied), each a share in [0, 1]."""
     blank = blank_right = given = given_copied = 0
     for row in rows:
-        answer = row["answer"].ljust(81)[:81]
+        answer = row["answer"].ljust(81)  # a short answer: its missing cells are wrong
         for prompt_cell, cell, solution_cell in zip(row["prompt"], answer, row["reference"]):
             if prompt_cell == "0":
                 blank, blank_right = blank + 1, blank_right + (cell == solution_cell)
